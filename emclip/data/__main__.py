@@ -1,0 +1,58 @@
+"""``python -m emclip.data check DIR``: validate a cohort folder and print its summary (exit 0) or its problems,
+one line each (exit 2)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .cohort import validate_cohort
+
+
+def _print_summary(s: dict) -> None:
+    ipp, nm = s["images_per_patient"], s["nm_per_pixel"]
+    print(f"cohort {s['root']}: OK")
+    print(f"  patients            {s['patients']}")
+    print(f"  images              {s['images']}")
+    print(f"  images per patient  min {ipp['min']}, median {ipp['median']:g}, mean {ipp['mean']:g}, max {ipp['max']}")
+    print(f"  scale (nm/px)       min {nm['min']:g}, median {nm['median']:g}, max {nm['max']:g}")
+    print(f"  splits ({s['split_source']:>6})     " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()))
+    if "diagnoses" in s:
+        width = max(len(k) for k in s["diagnoses"])
+        print("  diagnoses" + " " * (width - 7) + "train   val  test")
+        for name, counts in s["diagnoses"].items():
+            print(f"    {name:<{width}} {counts['train']:>5} {counts['val']:>5} {counts['test']:>5}")
+    else:
+        print("  diagnoses           none given (zero-shot evaluation will use the report labeler)")
+    if "dropped" in s:
+        print(f"  dropped             {s['dropped']['images']} image(s), {s['dropped']['patients']} patient(s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m emclip.data")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate a cohort folder (images.csv + reports.csv)")
+    check.add_argument("dir", help="cohort folder")
+    check.add_argument("--images", choices=["decode", "exists", "none"], default="decode",
+                       help="how far to check image files (default: decode every file)")
+    check.add_argument("--workers", type=int, default=4, help="threads for image checks")
+    check.add_argument("--json", action="store_true", help="print the summary as JSON")
+    check.add_argument("--drop-invalid", action="store_true",
+                       help="drop invalid rows instead of failing; the problems and drop counts are still printed")
+    args = parser.parse_args(argv)
+    cohort, problems = validate_cohort(args.dir, args.images, args.workers, progress=sys.stderr.isatty(),
+                                       drop_invalid=args.drop_invalid)
+    for p in problems:
+        print(p, file=sys.stderr if cohort is not None else sys.stdout)
+    if cohort is None:
+        print(f"{len(problems)} problem(s) found in {args.dir}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(cohort.summary(), indent=2))
+    else:
+        _print_summary(cohort.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

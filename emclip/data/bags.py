@@ -1,0 +1,110 @@
+"""Patient bags: a dataset yielding one patient's images (or cached features), scales and report, and a collate
+that pads variable bags into a batch with a boolean mask."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .cohort import Cohort
+from .images import ImageTransform, read_image
+
+PAD_SCALE = 1.0   # nm/px written at padded positions (log = 0); masked out, so any finite value works
+
+
+class BagDataset(Dataset):
+    """One item per patient of ``split`` (all patients when None).
+
+    With ``transform`` items carry ``images`` (n, C, H, W); with ``features`` (an array indexed by image row of
+    ``cohort.images``, e.g. a memory-mapped feature cache) items carry ``features`` (n, F) instead.
+    ``max_instances`` samples at most k images per bag, deterministically from (seed, epoch, patient index):
+    call :meth:`set_epoch` each epoch to draw a new subset.
+    """
+
+    def __init__(self, cohort: Cohort, split: str | None = None, transform: ImageTransform | None = None,
+                 features=None, feature_zoom=None, max_instances: int | None = None, seed: int = 0,
+                 intensity: str = "dtype", color: str = "gray", random_crop: bool = False):
+        if (transform is None) == (features is None):
+            raise ValueError("give exactly one of transform (pixels) or features (cached trunk outputs)")
+        if max_instances is not None and max_instances < 1:
+            raise ValueError(f"max_instances must be >= 1 or None, got {max_instances}")
+        self.cohort, self.split = cohort, split
+        self.patients = cohort.patient_ids(split)
+        if not self.patients:
+            raise ValueError(f"cohort {cohort.root} has no patients in split {split!r}")
+        self.transform, self.features = transform, features
+        # zoom applied to each image when its features were cached (effective scale = nm/px x zoom)
+        self.feature_zoom = None if feature_zoom is None else np.asarray(feature_zoom, np.float32)
+        self.max_instances, self.seed, self.epoch = max_instances, seed, 0
+        self.intensity, self.color, self.random_crop = intensity, color, random_crop
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.patients)
+
+    def _select(self, index: int, n: int) -> np.ndarray:
+        if self.max_instances is None or n <= self.max_instances:
+            return np.arange(n)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return np.sort(rng.choice(n, self.max_instances, replace=False))
+
+    def __getitem__(self, index: int) -> dict:
+        pid = self.patients[index]
+        rows = self.cohort.bag(pid)
+        if len(rows) == 0:
+            raise ValueError(f"patient {pid} has an empty bag (no images)")
+        rows = rows.iloc[self._select(index, len(rows))]
+        image_index = torch.as_tensor(rows.index.to_numpy(), dtype=torch.long)
+        nm = torch.as_tensor(rows.nm_per_pixel.to_numpy(), dtype=torch.float32)
+        item = {"patient_id": pid, "nm_per_pixel": nm, "image_index": image_index,
+                "image_paths": list(rows.path)}
+        rep = self.cohort.report(pid)
+        item["report"], item["diagnosis"] = rep.report, rep.diagnosis
+        if self.features is not None:
+            item["features"] = torch.as_tensor(np.asarray(self.features[rows.index.to_numpy()]), dtype=torch.float32)
+            zoom = 1.0 if self.feature_zoom is None else torch.from_numpy(self.feature_zoom[rows.index.to_numpy()])
+            item["scales"] = nm * zoom
+        else:
+            rng = np.random.default_rng([self.seed, self.epoch, index, 1]) if self.random_crop else None
+            tensors, zooms = [], []
+            for path in rows.path:
+                t, z = self.transform(read_image(path, self.intensity, self.color), rng)
+                tensors.append(t)
+                zooms.append(z)
+            item["images"] = torch.stack(tensors)
+            item["scales"] = nm * torch.tensor(zooms, dtype=torch.float32)
+        return item
+
+
+def collate_bags(items: list[dict]) -> dict:
+    """Pad bags to the longest in the batch.
+
+    Returns ``images`` (B, K, C, H, W) or ``features`` (B, K, F), ``scales`` (B, K) effective nm/px,
+    ``nm_per_pixel`` (B, K), ``mask`` (B, K) True for real images, ``image_index`` (B, K) with -1 at padding,
+    and the lists ``reports``, ``patient_ids``, ``diagnoses``, ``image_paths``.
+    """
+    if not items:
+        raise ValueError("cannot collate an empty batch")
+    key = "features" if "features" in items[0] else "images"
+    sizes = [len(it[key]) for it in items]
+    empty = [it["patient_id"] for it, n in zip(items, sizes) if n == 0]
+    if empty:
+        raise ValueError(f"empty bag(s) for patient(s) {', '.join(empty)}: every patient needs at least one image")
+    b, k = len(items), max(sizes)
+    first = items[0][key]
+    data = first.new_zeros((b, k, *first.shape[1:]))
+    scales = torch.full((b, k), PAD_SCALE, dtype=torch.float32)
+    nm = torch.full((b, k), PAD_SCALE, dtype=torch.float32)
+    mask = torch.zeros((b, k), dtype=torch.bool)
+    index = torch.full((b, k), -1, dtype=torch.long)
+    for i, (it, n) in enumerate(zip(items, sizes)):
+        data[i, :n] = it[key]
+        scales[i, :n] = it["scales"]
+        nm[i, :n] = it["nm_per_pixel"]
+        mask[i, :n] = True
+        index[i, :n] = it["image_index"]
+    return {key: data, "scales": scales, "nm_per_pixel": nm, "mask": mask, "image_index": index,
+            "reports": [it["report"] for it in items], "patient_ids": [it["patient_id"] for it in items],
+            "diagnoses": [it["diagnosis"] for it in items], "image_paths": [it["image_paths"] for it in items]}

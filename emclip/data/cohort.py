@@ -1,0 +1,310 @@
+"""The cohort contract: loading, validating and splitting ``images.csv`` + ``reports.csv`` (or Parquet).
+
+Every rule violation becomes a :class:`Problem` naming the file, the data row (1-based, header excluded) and what
+is wrong. Nothing is dropped silently: either loading fails with all problems listed, or, with
+``drop_invalid=True``, offending rows are removed and counted in ``Cohort.dropped``.
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .images import read_image
+from .splits import DEFAULT_FRACTIONS, SPLITS, assign_splits
+
+IMAGE_COLUMNS = ("patient_id", "path", "nm_per_pixel")
+REPORT_COLUMNS = ("patient_id", "report")
+CHECK_LEVELS = ("none", "exists", "decode")
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    row: int | None
+    message: str
+    patient_id: str | None = None
+
+    def __str__(self) -> str:
+        where = self.file if self.row is None else f"{self.file}, row {self.row}"
+        who = f" (patient {self.patient_id})" if self.patient_id else ""
+        return f"{where}{who}: {self.message}"
+
+
+class CohortError(ValueError):
+    """The cohort violates the contract; ``problems`` lists every violation found."""
+
+    def __init__(self, root: Path, problems: list[Problem]):
+        self.root, self.problems = root, problems
+        head = "\n".join(f"  {p}" for p in problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        super().__init__(f"cohort {root} has {len(problems)} problem(s):\n{head}{more}")
+
+
+@dataclass
+class Cohort:
+    root: Path
+    images: pd.DataFrame          # patient_id, path (absolute), nm_per_pixel (float), extra columns
+    reports: pd.DataFrame         # patient_id, report, diagnosis (None = unknown), split, extra columns
+    split_source: str             # "column" or "seeded"
+    dropped: dict = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    def patient_ids(self, split: str | None = None) -> list[str]:
+        rep = self.reports if split is None else self.reports[self.reports.split == split]
+        return list(rep.patient_id)
+
+    def bag(self, patient_id: str) -> pd.DataFrame:
+        """The patient's image rows, in table order; the index is the image's row number in ``images``."""
+        return self.images.iloc[self._groups[patient_id]]
+
+    def report(self, patient_id: str) -> pd.Series:
+        return self.reports.loc[self._report_row[patient_id]]
+
+    @property
+    def has_diagnosis(self) -> bool:
+        return self.reports.diagnosis.notna().any()
+
+    def __post_init__(self):
+        self.images = self.images.reset_index(drop=True)
+        self.reports = self.reports.reset_index(drop=True)
+        self._groups = self.images.groupby("patient_id", sort=False).indices
+        self._report_row = dict(zip(self.reports.patient_id, self.reports.index))
+
+    def summary(self) -> dict:
+        per = self.images.groupby("patient_id").size()
+        out = {"root": str(self.root), "patients": int(len(self.reports)), "images": int(len(self.images)),
+               "images_per_patient": {"min": int(per.min()), "median": float(per.median()),
+                                      "mean": round(float(per.mean()), 2), "max": int(per.max())},
+               "nm_per_pixel": {"min": float(self.images.nm_per_pixel.min()),
+                                "median": float(self.images.nm_per_pixel.median()),
+                                "max": float(self.images.nm_per_pixel.max())},
+               "splits": {s: int((self.reports.split == s).sum()) for s in SPLITS},
+               "split_source": self.split_source}
+        if self.has_diagnosis:
+            dx = self.reports.diagnosis.fillna("(unknown)")
+            out["diagnoses"] = {str(k): {s: int(((dx == k) & (self.reports.split == s)).sum()) for s in SPLITS}
+                                for k in sorted(dx.unique(), key=str)}
+        if self.dropped:
+            out["dropped"] = dict(self.dropped)
+        return out
+
+
+def _read_table(root: Path, stem: str, problems: list[Problem]) -> tuple[pd.DataFrame | None, str]:
+    found = [root / f"{stem}{ext}" for ext in (".csv", ".parquet", ".pq") if (root / f"{stem}{ext}").is_file()]
+    name = f"{stem}.csv"
+    if not found:
+        problems.append(Problem(name, None, f"missing table: expected {root / name} (or {stem}.parquet)"))
+        return None, name
+    if len(found) > 1:
+        problems.append(Problem(found[0].name, None, f"ambiguous: both {found[0].name} and {found[1].name} exist"))
+        return None, found[0].name
+    path = found[0]
+    try:
+        if path.suffix == ".csv":
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        else:
+            df = pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 - an unreadable table is one problem, reported with its cause
+        problems.append(Problem(path.name, None, f"cannot read table ({type(err).__name__}: {err})"))
+        return None, path.name
+    df.columns = [str(c).strip() for c in df.columns]
+    return df, path.name
+
+
+def _text(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+def _check_images_table(df: pd.DataFrame, name: str, root: Path, problems: list[Problem]) -> pd.DataFrame:
+    bad = set()
+    seen_path: dict[str, int] = {}
+    paths, scales = [], []
+    for i, (pid, rel, raw_scale) in enumerate(zip(df.patient_id, df.path, df.nm_per_pixel)):
+        row, pid, rel = i + 1, _text(pid), _text(rel)
+        if not pid:
+            problems.append(Problem(name, row, "patient_id is empty"))
+            bad.add(i)
+        if not rel:
+            problems.append(Problem(name, row, "path is empty", pid or None))
+            bad.add(i)
+        full = str((root / rel).resolve()) if rel and not Path(rel).is_absolute() else rel
+        if full and full in seen_path:
+            problems.append(Problem(name, row, f"duplicate image path {rel!r} (also row {seen_path[full]})", pid))
+            bad.add(i)
+        seen_path.setdefault(full, row)
+        paths.append(full)
+        text = _text(raw_scale)
+        try:
+            scale = float(text)
+        except ValueError:
+            scale = None
+        if text == "":
+            problems.append(Problem(name, row, "nm_per_pixel is missing", pid or None))
+        elif scale is None:
+            problems.append(Problem(name, row, f"nm_per_pixel {text!r} is not a number", pid or None))
+        elif not math.isfinite(scale):
+            problems.append(Problem(name, row, f"nm_per_pixel {text!r} is not finite", pid or None))
+        elif scale <= 0:
+            problems.append(Problem(name, row, f"nm_per_pixel {text!r} must be > 0", pid or None))
+        if scale is None or not math.isfinite(scale) or scale <= 0:
+            bad.add(i)
+            scale = float("nan")
+        scales.append(scale)
+    out = df.copy()
+    out["patient_id"] = [_text(p) for p in df.patient_id]
+    out["path"] = paths
+    out["nm_per_pixel"] = scales
+    out["_row"] = range(1, len(df) + 1)
+    out["_bad"] = [i in bad for i in range(len(df))]
+    return out
+
+
+def _check_image_files(images: pd.DataFrame, name: str, level: str, workers: int, progress: bool,
+                       problems: list[Problem]) -> None:
+    todo = images[~images._bad]
+
+    def probe(path: str) -> str | None:
+        if not Path(path).is_file():
+            return f"image file not found: {path}"
+        if level == "decode":
+            try:
+                read_image(path)
+            except Exception as err:  # noqa: BLE001 - report, do not crash on one bad file
+                return str(err)
+        return None
+
+    with ThreadPoolExecutor(max(workers, 1)) as pool:
+        results = pool.map(probe, todo.path)
+        for (idx, row), message in zip(todo.iterrows(),
+                                       tqdm(results, total=len(todo), desc=f"checking images ({level})",
+                                            unit="img", disable=not progress)):
+            if message:
+                problems.append(Problem(name, int(row._row), message, row.patient_id))
+                images.loc[idx, "_bad"] = True
+
+
+def _check_reports_table(df: pd.DataFrame, name: str, problems: list[Problem]) -> pd.DataFrame:
+    out = df.copy()
+    out["patient_id"] = [_text(p) for p in df.patient_id]
+    out["_row"] = range(1, len(df) + 1)
+    bad = [False] * len(df)
+    first_row: dict[str, int] = {}
+    has_split = "split" in df.columns
+    splits = [_text(s).lower() for s in df.split] if has_split else [""] * len(df)
+    for i, (pid, text) in enumerate(zip(out.patient_id, df.report)):
+        row = i + 1
+        if not pid:
+            problems.append(Problem(name, row, "patient_id is empty"))
+            bad[i] = True
+            continue
+        if pid in first_row:
+            j = first_row[pid]
+            if has_split and splits[j - 1] != splits[i]:
+                problems.append(Problem(name, row, f"patient is in two splits ({splits[j - 1]!r} in row {j}, "
+                                                   f"{splits[i]!r} here)", pid))
+            else:
+                problems.append(Problem(name, row, f"duplicate patient_id (also row {j})", pid))
+            bad[i] = bad[j - 1] = True
+        first_row.setdefault(pid, row)
+        if not _text(text):
+            problems.append(Problem(name, row, "report is empty", pid))
+            bad[i] = True
+        if has_split and splits[i] not in SPLITS:
+            shown = splits[i] or "(empty)"
+            problems.append(Problem(name, row, f"split {shown!r} is not one of {', '.join(SPLITS)}", pid))
+            bad[i] = True
+    if has_split:
+        out["split"] = splits
+    out["report"] = [_text(t) for t in df.report]
+    out["_bad"] = bad
+    return out
+
+
+def validate_cohort(root: str | Path, check_images: str = "decode", workers: int = 4, progress: bool = False,
+                    split_fractions=DEFAULT_FRACTIONS, seed: int = 0, drop_invalid: bool = False
+                    ) -> tuple[Cohort | None, list[Problem]]:
+    """Load and validate a cohort folder; returns (cohort or None, problems)."""
+    root = Path(root).expanduser().resolve()
+    if check_images not in CHECK_LEVELS:
+        raise ValueError(f"check_images must be one of {CHECK_LEVELS}, got {check_images!r}")
+    problems: list[Problem] = []
+    if not root.is_dir():
+        return None, [Problem(str(root), None, "cohort folder does not exist")]
+    images, img_name = _read_table(root, "images", problems)
+    reports, rep_name = _read_table(root, "reports", problems)
+    for df, name, required in ((images, img_name, IMAGE_COLUMNS), (reports, rep_name, REPORT_COLUMNS)):
+        if df is not None:
+            missing = [c for c in required if c not in df.columns]
+            if missing:
+                problems.append(Problem(name, None, f"missing column(s): {', '.join(missing)}; "
+                                                    f"found: {', '.join(df.columns) or '(none)'}"))
+    if problems:   # table-level problems: row checks would only repeat them
+        return None, problems
+    images = _check_images_table(images, img_name, root, problems)
+    reports = _check_reports_table(reports, rep_name, problems)
+    known = set(reports.patient_id[reports.patient_id != ""])
+    for idx, row in images[~images.patient_id.isin(known) & (images.patient_id != "")].iterrows():
+        problems.append(Problem(img_name, int(row._row), f"unknown patient_id (not in {rep_name})", row.patient_id))
+        images.loc[idx, "_bad"] = True
+    if "split" in images.columns:   # a split column in images.csv must agree per patient and with reports.csv
+        img_split = images.assign(split=[_text(s).lower() for s in images.split])
+        rep_split = dict(zip(reports.patient_id, reports.split)) if "split" in reports.columns else {}
+        for pid, grp in img_split.groupby("patient_id"):
+            values = sorted(set(grp.split) | ({rep_split[pid]} if pid in rep_split else set()))
+            if len(values) > 1:
+                problems.append(Problem(img_name, int(grp._row.iloc[0]), f"patient is in two splits: {values}", pid))
+                images.loc[grp.index, "_bad"] = True
+    if check_images != "none":
+        _check_image_files(images, img_name, check_images, workers, progress, problems)
+    with_images = set(images.patient_id[~images._bad])
+    all_listed = set(images.patient_id)
+    for idx, row in reports.iterrows():
+        if row.patient_id and row.patient_id not in all_listed:
+            problems.append(Problem(rep_name, int(row._row), f"patient has no images in {img_name}", row.patient_id))
+            reports.loc[idx, "_bad"] = True
+        elif row.patient_id and row.patient_id not in with_images:
+            reports.loc[idx, "_bad"] = True    # every image of this patient is invalid; already reported
+    if problems and not drop_invalid:
+        return None, problems
+    keep_reports = reports[~reports._bad]
+    keep_images = images[~images._bad & images.patient_id.isin(set(keep_reports.patient_id))]
+    if keep_reports.empty:
+        return None, problems + [Problem(rep_name, None, "no valid patient left after dropping invalid rows")]
+    cohort = _build(root, keep_images, keep_reports, split_fractions, seed)
+    if problems:
+        cohort.dropped = {"images": len(images) - len(keep_images), "patients": len(reports) - len(keep_reports)}
+        cohort.problems = problems
+    return cohort, problems
+
+
+def _build(root: Path, images: pd.DataFrame, reports: pd.DataFrame, fractions, seed: int) -> Cohort:
+    reports = reports.copy()
+    if "diagnosis" in reports.columns:
+        reports["diagnosis"] = [(_text(d) or None) for d in reports.diagnosis]
+    else:
+        reports["diagnosis"] = None
+    if "split" in reports.columns:
+        source = "column"
+    else:
+        mapping = assign_splits(list(reports.patient_id), list(reports.diagnosis), fractions, seed)
+        reports["split"] = reports.patient_id.map(mapping)
+        source = "seeded"
+    images = images.drop(columns=["_bad"]).rename(columns={"_row": "source_row"})
+    reports = reports.drop(columns=["_bad"]).rename(columns={"_row": "source_row"})
+    return Cohort(root, images, reports, source)
+
+
+def load_cohort(root: str | Path, check_images: str = "exists", workers: int = 4, progress: bool = False,
+                split_fractions=DEFAULT_FRACTIONS, seed: int = 0, drop_invalid: bool = False) -> Cohort:
+    """Load a cohort, raising :class:`CohortError` listing every problem (unless ``drop_invalid``)."""
+    cohort, problems = validate_cohort(root, check_images, workers, progress, split_fractions, seed, drop_invalid)
+    if cohort is None:
+        raise CohortError(Path(root), problems)
+    return cohort

@@ -56,15 +56,15 @@ class BagDataset(Dataset):
         if len(rows) == 0:
             raise ValueError(f"patient {pid} has an empty bag (no images)")
         rows = rows.iloc[self._select(index, len(rows))]
-        image_index = torch.as_tensor(rows.index.to_numpy(), dtype=torch.long)
-        nm = torch.as_tensor(rows.nm_per_pixel.to_numpy(), dtype=torch.float32)
+        image_index = torch.tensor(rows.index.to_numpy(), dtype=torch.long)
+        nm = torch.tensor(rows.nm_per_pixel.to_numpy(), dtype=torch.float32)
         item = {"patient_id": pid, "nm_per_pixel": nm, "image_index": image_index,
                 "image_paths": list(rows.path)}
         rep = self.cohort.report(pid)
         item["report"], item["diagnosis"] = rep.report, rep.diagnosis
         if self.features is not None:
-            item["features"] = torch.as_tensor(np.asarray(self.features[rows.index.to_numpy()]), dtype=torch.float32)
-            zoom = 1.0 if self.feature_zoom is None else torch.from_numpy(self.feature_zoom[rows.index.to_numpy()])
+            item["features"] = torch.tensor(np.asarray(self.features[rows.index.to_numpy()]), dtype=torch.float32)
+            zoom = 1.0 if self.feature_zoom is None else torch.tensor(self.feature_zoom[rows.index.to_numpy()])
             item["scales"] = nm * zoom
         else:
             rng = np.random.default_rng([self.seed, self.epoch, index, 1]) if self.random_crop else None

@@ -1,0 +1,51 @@
+# emclip: the two commands a newcomer needs are `make demo` and `make test`.
+# Both create (or reuse) the virtual environment in $(VENV) and install the project into it first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.emclip-installed
+DATA ?= data/demo_cohort
+PATIENTS ?= 500
+
+.PHONY: help install test test-fast demo cohort figures lab clean
+
+help:
+	@echo "make demo     install, generate the embedded cohort and run the whole pipeline"
+	@echo "make test     install and run the test suite (pytest + notebook validation)"
+	@echo "make cohort   only generate the embedded cohort into $(DATA)"
+	@echo "make lab      start JupyterLab with the project's kernel"
+
+# torch is pinned and installed first: an unpinned resolve would fetch a multi-GB build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow and not distributed"
+
+$(DATA)/reports.csv: | $(STAMP)
+	$(PY) -m emclip.synthetic --out $(DATA) --patients $(PATIENTS) --seed 0
+
+cohort: $(DATA)/reports.csv
+
+figures: install cohort
+	$(PY) -m emclip.synthetic.figure --data $(DATA) --out reports/summary/cohort_grid.png
+
+demo: install cohort figures
+	$(PY) -m emclip.data check $(DATA)
+
+lab: install
+	$(PY) -m ipykernel install --user --name emclip --display-name "Python (emclip)"
+	$(VENV)/bin/jupyter lab
+
+clean:
+	rm -rf $(DATA) reports/*/ .pytest_cache

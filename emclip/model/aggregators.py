@@ -1,0 +1,133 @@
+"""Multiple-instance aggregators over padded bags.
+
+Every aggregator takes instance features x [B, K, D] and a boolean mask [B, K] (True = real instance) and returns
+the pooled bag feature [B, D] and per-instance weights [B, K] (zero on padding, summing to one per bag).
+
+Bags of different sizes share one batch: padding never enters a sum and masked scores are set to -inf before every
+softmax, so a padded + masked bag gives exactly the result of the bag alone. ABMIL, CLAM and TransMIL sidestep
+this by training with batch size 1; contrastive learning needs many bags per step, hence the masks.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AGGREGATORS = ('mean', 'gated_attention', 'transformer')
+
+
+def check_bags(mask: torch.Tensor):
+    """Refuse empty bags: a softmax over nothing but -inf is NaN, and a mean over nothing is 0/0."""
+    if mask.dim() != 2 or mask.dtype != torch.bool:
+        raise ValueError(f'mask must be a boolean [B, K] tensor, got {mask.dtype} {tuple(mask.shape)}')
+    empty = ~mask.any(dim=1)
+    if empty.any():
+        rows = empty.nonzero().flatten().tolist()
+        raise ValueError(f'Empty bag(s): batch row(s) {rows} have no real image (mask all False)')
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return scores.masked_fill(~mask, float('-inf')).softmax(dim=dim)
+
+
+class MeanPool(nn.Module):
+    """Average of the real instances; the weights are uniform, 1/n_b."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor):
+        check_bags(mask)
+        weights = mask.to(x.dtype) / mask.sum(dim=1, keepdim=True).to(x.dtype)
+        return torch.einsum('bk,bkd->bd', weights, x), weights
+
+
+class GatedAttentionPool(nn.Module):
+    """Gated attention MIL pooling (Ilse et al. 2018, as in CLAM): a_k = softmax_k(wᵀ(tanh(V x_k) ⊙ σ(U x_k)))."""
+
+    def __init__(self, dim: int, hidden_dim: int = 128, dropout: float = 0.0):
+        super().__init__()
+        self.attn_v = nn.Linear(dim, hidden_dim)
+        self.attn_u = nn.Linear(dim, hidden_dim)
+        self.attn_w = nn.Linear(hidden_dim, 1)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor):
+        check_bags(mask)
+        gated = torch.tanh(self.attn_v(x)) * torch.sigmoid(self.attn_u(x))
+        weights = masked_softmax(self.attn_w(self.drop(gated)).squeeze(-1), mask)
+        return torch.einsum('bk,bkd->bd', weights, x), weights
+
+
+class MaskedSelfAttention(nn.Module):
+    """Multi-head self-attention whose keys skip padding; also returns the head-averaged attention matrix."""
+
+    def __init__(self, dim: int, heads: int = 4, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f'dim {dim} is not divisible by heads {heads}')
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # [B, H, N, N]
+        attn = masked_softmax(scores, key_mask[:, None, None, :])
+        out = (self.drop(attn) @ v).transpose(1, 2).reshape(b, n, d)
+        return self.proj(out), attn.mean(dim=1)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim: int, heads: int = 4, mlp_ratio: float = 2.0, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = MaskedSelfAttention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor):
+        y, attn = self.attn(self.norm1(x), key_mask)
+        x = x + y
+        return x + self.mlp(self.norm2(x)), attn
+
+
+class TransformerPool(nn.Module):
+    """A [CLS] token attends over the bag through a few transformer blocks; its final state is the bag feature.
+
+    No positional encoding: a bag is a set, and each instance already carries its scale embedding. The returned
+    weights are the last block's head-averaged [CLS]-to-instance attention, renormalised over the instances.
+    """
+
+    def __init__(self, dim: int, layers: int = 2, heads: int = 4, mlp_ratio: float = 2.0, dropout: float = 0.0):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, dropout) for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor):
+        check_bags(mask)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        key_mask = F.pad(mask, (1, 0), value=True)  # [CLS] is always a valid key
+        attn = None
+        for block in self.blocks:
+            x, attn = block(x, key_mask)
+        weights = attn[:, 0, 1:]
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+        return self.norm(x[:, 0]), weights
+
+
+def create_aggregator(dim: int, cfg: dict, name: str = None) -> nn.Module:
+    """Build from a config section: ``{"name": ..., "<name>": {its kwargs}}``."""
+    name = name or cfg.get('name', 'mean')
+    kwargs = cfg.get(name, {})
+    if name == 'mean':
+        return MeanPool()
+    if name == 'gated_attention':
+        return GatedAttentionPool(dim, **kwargs)
+    if name == 'transformer':
+        return TransformerPool(dim, **kwargs)
+    raise ValueError(f'Unknown aggregator {name!r}; choose one of {AGGREGATORS}')

@@ -1,0 +1,235 @@
+"""The emclip model: a bag of EM images at known physical scales, and one report, in one joint space.
+
+    image x_k --trunk--> h_k [F] --(+ scale_embed(nm/px_k))--> --image_proj--> z_k [E] --aggregator--> bag [E]
+    report    --text tower (open_clip)--> r [E]
+
+Both levels live in the report space: ``instances`` = normalise(z_k) for image-level retrieval and zero-shot,
+``patient`` = normalise(pooled z) for the patient-level contrastive loss. ``scale_embed=False`` is the scale-blind
+baseline with everything else identical; with the scale embedding freshly initialised (zero), both arms compute
+the same function from the same seed.
+"""
+import copy
+import math
+from typing import Dict, List, NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..loss import LOSS_INIT
+from .aggregators import check_bags, create_aggregator
+from .scale import create_scale_embed
+from .towers import build_towers, load_model_config
+from .weights import load_checkpoint, state_digest
+
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+class BagEmbeddings(NamedTuple):
+    patient: torch.Tensor  # [B, E] L2-normalised bag embeddings
+    instances: torch.Tensor  # [B, K, E] L2-normalised image embeddings, padding rows zero
+    attention: torch.Tensor  # [B, K] aggregator weights, zero on padding
+
+
+class EMClip(nn.Module):
+    """Scale-aware multiple-instance CLIP. Build it with ``build_model``; ``config`` is the resolved dict."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = copy.deepcopy(config)
+        towers = build_towers(self.config)
+        self.trunk = towers.trunk
+        self.image_proj = towers.image_proj
+        self.text = towers.text
+        self.tokenizer = towers.tokenizer
+        self.num_features, self.embed_dim = towers.num_features, towers.embed_dim
+        self._preprocess, self._trunk_name = towers.preprocess, towers.trunk_name
+
+        self.aggregator = create_aggregator(self.embed_dim, self.config.get('aggregator', {}))
+        # the loss fixes the temperature (and bias) initialisation unless the config sets them
+        init_scale, init_bias = LOSS_INIT[self.config.get('loss', 'clip')]
+        init_scale = self.config.get('init_logit_scale', init_scale)
+        init_bias = self.config.get('init_logit_bias', init_bias)
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias))) if init_bias is not None else None
+
+        scale_cfg = self.config.get('scale', {})
+        # Built last and on a forked RNG, so that creating it (Fourier features draw random numbers) leaves every
+        # other initialisation unchanged: a scale-aware and a scale-blind model from one seed differ only here.
+        with torch.random.fork_rng(devices=[]):
+            enabled = scale_cfg.get('enabled', True)
+            self.scale_embed = create_scale_embed(self.num_features, scale_cfg) if enabled else None
+
+        # NHWC runs depthwise/pointwise convolutions markedly faster on CPU (oneDNN) and with AMP on GPU
+        self.channels_last = bool(self.config.get('channels_last', False))
+        if self.channels_last:
+            self.trunk.to(memory_format=torch.channels_last)
+        self.lock_image = bool(self.config.get('lock_image', False))
+        if self.lock_image:
+            self.trunk.requires_grad_(False)
+            self.trunk.eval()
+        if self.config.get('lock_text', False):
+            self.text.lock()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.lock_image:
+            self.trunk.eval()  # a frozen trunk keeps its BN statistics: features stay those of the feature cache
+        return self
+
+    @property
+    def preprocess(self) -> dict:
+        """What the image trunk expects: image_size (square side), per-channel mean and std, 3 channels."""
+        return dict(self._preprocess, channels=3)
+
+    @property
+    def trunk_id(self) -> str:
+        """Architecture | weights | input size | digest of the current trunk weights (keys a feature cache)."""
+        return f'{self._trunk_name}|{state_digest(self.trunk)}'
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def encode_trunk(self, images: torch.Tensor) -> torch.Tensor:
+        """Trunk features [N, F] of preprocessed images [N, C, H, W], before scale embedding and projection."""
+        if images.dim() != 4:
+            raise ValueError(f'encode_trunk expects [N, C, H, W] images, got shape {tuple(images.shape)}')
+        images = images.to(self.device, memory_format=torch.channels_last if self.channels_last else None)
+        return self.trunk(images)
+
+    def encode_bags(
+            self,
+            scales: torch.Tensor,
+            mask: torch.Tensor,
+            images: Optional[torch.Tensor] = None,
+            features: Optional[torch.Tensor] = None,
+    ) -> BagEmbeddings:
+        """Embed padded bags from images [B, K, C, H, W] or cached trunk features [B, K, F]."""
+        mask, scales = mask.to(self.device), scales.to(self.device)
+        check_bags(mask)
+        if features is None:
+            if images is None:
+                raise ValueError('encode_bags needs images [B, K, C, H, W] or features [B, K, F]')
+            # only real images go through the trunk: saves compute and keeps padding out of BatchNorm statistics
+            feats = self.encode_trunk(images[mask.to(images.device)])
+            h = feats.new_zeros(*mask.shape, feats.shape[-1])
+            h[mask] = feats
+        else:
+            if features.shape[:2] != mask.shape or features.shape[-1] != self.num_features:
+                raise ValueError(f'features {tuple(features.shape)} do not match mask {tuple(mask.shape)} '
+                                 f'and trunk width {self.num_features}')
+            # padding may hold anything in a cache; zero it so it cannot leak (0 * NaN is NaN)
+            h = features.to(self.device).masked_fill(~mask[..., None], 0)
+        if self.scale_embed is not None:
+            h = h + self.scale_embed(scales).to(h.dtype)
+        z = self.image_proj(h)
+        pooled, attention = self.aggregator(z, mask)
+        instances = F.normalize(z, dim=-1).masked_fill(~mask[..., None], 0)
+        return BagEmbeddings(F.normalize(pooled, dim=-1), instances, attention)
+
+    def tokenize(self, texts: Union[str, List[str]]) -> torch.Tensor:
+        tokens = self.tokenizer([texts] if isinstance(texts, str) else list(texts))
+        pad_id = self.text.trailing_pad_id
+        if pad_id is not None:
+            # HF tokenizers pad to context_length; trailing all-pad columns are masked out anyway, and dropping
+            # them saves most of the text tower's compute on short reports
+            used = (tokens != pad_id).any(dim=0).nonzero()
+            tokens = tokens[:, :int(used.max()) + 1 if len(used) else 1]
+        return tokens.to(self.device)
+
+    def encode_text(self, texts: Union[str, List[str]]) -> torch.Tensor:
+        """L2-normalised report embeddings [B, E]."""
+        return F.normalize(self.text(self.tokenize(texts)), dim=-1)
+
+    def encode_text_pooled(self, texts: Union[str, List[str]]) -> torch.Tensor:
+        """Text encoder output [B, D] before the projection: what a cache of a frozen text encoder stores."""
+        return self.text.pooled(self.tokenize(texts))
+
+    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        """L2-normalised report embeddings [B, E] from ``encode_text_pooled`` output."""
+        return F.normalize(self.text.project(pooled.to(self.device)), dim=-1)
+
+    def clamp_logit_scale(self):
+        """Keep the temperature in [1, 100] (t in [0, ln 100]); call after every optimizer step."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+
+    def forward(self, batch: dict) -> Dict[str, torch.Tensor]:
+        """Embeddings of a collated batch; cached pooled report features may come as ``batch["text_features"]``."""
+        bags = self.encode_bags(batch['scales'], batch['mask'], images=batch.get('images'),
+                                features=batch.get('features'))
+        if batch.get('text_features') is not None:
+            report = self.project_text(batch['text_features'])
+        else:
+            report = self.encode_text(batch['reports'])
+        out = dict(patient=bags.patient, report=report, instances=bags.instances, attention=bags.attention,
+                   logit_scale=self.logit_scale.exp())
+        if self.logit_bias is not None:
+            out['logit_bias'] = self.logit_bias
+        return out
+
+    def parameter_counts(self) -> Dict[str, int]:
+        """Parameters per part: trunk, scale embedding, aggregator, projections (image + text), text tower."""
+        def count(module):
+            return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+        text_proj = sum(p.numel() for n, p in self.text.named_parameters() if self.text.is_projection(n))
+        counts = dict(
+            trunk=count(self.trunk),
+            scale_embed=count(self.scale_embed),
+            aggregator=count(self.aggregator),
+            projections=count(self.image_proj) + text_proj,
+            text_tower=count(self.text) - text_proj,
+            temperature=count(self) - count(self.trunk) - count(self.scale_embed) - count(self.aggregator)
+            - count(self.image_proj) - count(self.text),
+        )
+        counts['total'] = count(self)
+        counts['trainable'] = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return counts
+
+
+def _merge(base: dict, update: dict) -> dict:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def build_model(
+        model: Union[str, dict] = 'efficientnet_lite0_minilm',
+        scale_embed: Optional[bool] = None,
+        scale_encoding: Optional[str] = None,
+        aggregator: Union[str, dict, None] = None,
+        **overrides,
+) -> EMClip:
+    """Build an EMClip from a packaged config name, a JSON path, a dict, or an open_clip model name.
+
+    ``scale_embed`` / ``scale_encoding`` / ``aggregator`` override the config's choices (None keeps them); other
+    keyword overrides are merged into the config, e.g. ``embed_dim=128``, ``lock_image=False``,
+    ``load_pretrained=False`` (architecture only), ``pretrained="laion2b_s34b_b79k"`` (open_clip tag or file),
+    ``checkpoint="run/model.pt"`` (a saved emclip state dict, loaded strictly), ``loss="siglip"`` (temperature
+    ln 10 and a learnable bias -10 for ``emclip.loss.SigLipLoss``), ``lock_text=True``, ``channels_last=True``.
+    """
+    cfg = load_model_config(model)
+    if 'pretrained' in overrides:
+        pretrained = overrides.pop('pretrained')
+        if 'open_clip' in cfg:
+            cfg['open_clip']['pretrained'] = pretrained
+        else:
+            cfg['load_pretrained'] = bool(pretrained)
+    _merge(cfg, overrides)
+    if scale_embed is not None:
+        cfg.setdefault('scale', {})['enabled'] = bool(scale_embed)
+    if scale_encoding is not None:
+        cfg.setdefault('scale', {})['encoding'] = scale_encoding
+    if isinstance(aggregator, str):
+        cfg.setdefault('aggregator', {})['name'] = aggregator
+    elif isinstance(aggregator, dict):
+        _merge(cfg.setdefault('aggregator', {}), aggregator)
+    net = EMClip(cfg)
+    if cfg.get('checkpoint'):
+        load_checkpoint(net, cfg['checkpoint'])
+    return net

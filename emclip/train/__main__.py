@@ -1,0 +1,38 @@
+"""``python -m emclip.train PARAMS.yaml [key=value ...]``: train (or resume) one run.
+
+PARAMS is a parameter-set name (``demo`` -> ``params/demo.yaml``) or a YAML path; its ``train`` section fills the
+configuration and ``key=value`` pairs override it (values are YAML: ``scale_embed=false``, ``lr=3e-4``). Run again
+on the same ``run_dir`` and it resumes from the last checkpoint. Works the same under
+``accelerate launch -m emclip.train ...`` on several GPUs or nodes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import load_config
+from .loop import TrainingDiverged, train
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m emclip.train", description=__doc__.split("\n\n")[1])
+    parser.add_argument("params", help="parameter set name (params/NAME.yaml) or a YAML file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the training configuration")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.params, args.overrides)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        summary = train(cfg)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    print(f"done: {summary['steps']} steps, best validation loss {summary['best_val_loss']:.4f}, "
+          f"outputs in {summary['run_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""On-disk, memory-mapped feature cache of a frozen image trunk.
+
+Per-image trunk features are extracted once (sharded over processes: rank r takes images r, r + W, ...) into
+``<cache_dir>/<key>/features.npy`` (float32, memory-mapped, one row per row of ``images.csv``) with the geometric
+zoom of each image in ``zoom.npy``. ``meta.json`` is written last, atomically, with the SHA-256 of both arrays.
+
+The key hashes the trunk (architecture + weights digest), the preprocessing, the resize/crop policy and every image
+file's path, size and modification time, so a cache is reused by every run with the same trunk and inputs and is
+never used for anything else. A cache whose meta is missing, whose key differs, whose file is truncated or whose
+checksum fails is reported and rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..data import Cohort, ImageTransform, read_image
+from .checkpoint import write_text_atomic
+
+CACHE_VERSION = 1
+
+
+class _ImageRows(Dataset):
+    def __init__(self, paths: list[str], indices: list[int], transform: ImageTransform, intensity: str, color: str):
+        self.paths, self.indices, self.transform = paths, indices, transform
+        self.intensity, self.color = intensity, color
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        row = self.indices[i]
+        tensor, zoom = self.transform(read_image(self.paths[row], self.intensity, self.color))
+        return tensor, torch.tensor(zoom, dtype=torch.float32), torch.tensor(row)
+
+
+@dataclass
+class FeatureCache:
+    path: Path
+    features: np.ndarray      # (N, F) float32 memmap, row i = images.csv row i of the cohort
+    zoom: np.ndarray          # (N,) source pixels per model pixel
+    meta: dict
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+
+def _sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(trunk_id: str, transform: ImageTransform, cohort: Cohort, intensity: str, color: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": CACHE_VERSION, "trunk": trunk_id, "size": transform.image_size,
+                         "mean": transform.mean.flatten().tolist(), "std": transform.std.flatten().tolist(),
+                         "channels": transform.channels, "policy": transform.policy, "intensity": intensity,
+                         "color": color}, sort_keys=True).encode())
+    for path in cohort.images.path:
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def check_cache(folder: Path, key: str, n_images: int) -> tuple[bool, str]:
+    """(usable, reason): a cache is usable only if complete, keyed identically, untruncated and checksummed."""
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        return False, "no meta.json (extraction never finished)"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        return False, f"meta.json is corrupt ({err})"
+    if meta.get("key") != key or meta.get("n_images") != n_images:
+        return False, "stale: trunk, preprocessing or images changed"
+    for name in ("features.npy", "zoom.npy"):
+        f = folder / name
+        if not f.is_file() or f.stat().st_size != meta["bytes"][name]:
+            return False, f"{name} is missing or truncated"
+        if _sha256(f) != meta["sha256"][name]:
+            return False, f"{name} fails its checksum (corrupt)"
+    return True, "ok"
+
+
+def build_feature_cache(model, cohort: Cohort, cache_dir: str | Path, accelerator=None, batch_size: int = 64,
+                        num_workers: int = 0, policy: str = "resize", intensity: str = "dtype",
+                        color: str = "gray", log=print) -> FeatureCache:
+    """Load the cache for (model trunk, cohort) or build it, sharded over ``accelerator``'s processes."""
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    is_main = rank == 0
+    transform = ImageTransform.from_preprocess(model.preprocess, policy)
+    key = cache_key(model.trunk_id, transform, cohort, intensity, color)
+    folder = Path(cache_dir) / key
+    n = len(cohort.images)
+    ok, reason = check_cache(folder, key, n)
+    if not ok:
+        if is_main:
+            if folder.exists():
+                log(f"feature cache {folder}: {reason}; rebuilding")
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+        _barrier(accelerator)
+        _extract(model, cohort, folder, transform, rank, world, batch_size, num_workers, intensity, color, key,
+                 accelerator, log)
+    _barrier(accelerator)
+    meta = json.loads((folder / "meta.json").read_text())
+    features = np.load(folder / "features.npy", mmap_mode="r")
+    zoom = np.load(folder / "zoom.npy")
+    return FeatureCache(folder, features, zoom, meta)
+
+
+def _barrier(accelerator) -> None:
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def _extract(model, cohort, folder, transform, rank, world, batch_size, num_workers, intensity, color, key,
+             accelerator, log) -> None:
+    n = len(cohort.images)
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    dim = int(model.encode_trunk(torch.zeros(1, transform.channels, transform.image_size, transform.image_size,
+                                             device=device)).shape[-1])
+    feat_path, zoom_path = folder / "features.npy", folder / "zoom.npy"
+    if rank == 0:   # allocate both arrays once; every rank then fills its own rows in place
+        np.lib.format.open_memmap(feat_path, mode="w+", dtype=np.float32, shape=(n, dim)).flush()
+        np.lib.format.open_memmap(zoom_path, mode="w+", dtype=np.float32, shape=(n,)).flush()
+    _barrier(accelerator)
+    feats = np.load(feat_path, mmap_mode="r+")
+    zooms = np.load(zoom_path, mmap_mode="r+")
+    rows = list(range(rank, n, world))
+    loader = DataLoader(_ImageRows(list(cohort.images.path), rows, transform, intensity, color),
+                        batch_size=batch_size, num_workers=num_workers)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    for images, zoom, idx in tqdm(loader, desc=f"feature cache [{rank}/{world}]", unit="batch",
+                                  disable=rank != 0):
+        out = model.encode_trunk(images.to(device)).float().cpu().numpy()
+        feats[idx.numpy()] = out
+        zooms[idx.numpy()] = zoom.numpy()
+    feats.flush()
+    zooms.flush()
+    elapsed = time.perf_counter() - start
+    model.train(was_training)
+    del feats, zooms
+    _barrier(accelerator)
+    if rank == 0:
+        meta = {"key": key, "version": CACHE_VERSION, "trunk": model.trunk_id, "n_images": n, "dim": dim,
+                "preprocess": model.preprocess, "policy": transform.policy, "intensity": intensity, "color": color,
+                "processes": world, "seconds": round(elapsed, 2), "images_per_second": round(n / max(elapsed, 1e-9), 2),
+                "bytes": {f.name: f.stat().st_size for f in (feat_path, zoom_path)},
+                "sha256": {f.name: _sha256(f) for f in (feat_path, zoom_path)}}
+        write_text_atomic(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
+        log(f"feature cache {folder}: {n} images x {dim} features in {elapsed:.1f} s "
+            f"({meta['images_per_second']:.1f} images/s on rank 0's share)")

@@ -1,0 +1,130 @@
+"""One training configuration: a named parameter set (``params/*.yaml``) plus ``key=value`` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from ..paths import project_root, resolve
+
+MODES = ("cache", "e2e")
+PRECISIONS = ("no", "bf16", "fp16")
+AGGREGATORS = ("mean", "gated_attention", "transformer")
+SCALE_ENCODINGS = ("sincos", "fourier", "binned")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_dir: str = "data/demo_cohort"       # cohort folder; relative paths resolve against the project root
+    generate_patients: int = 500             # a missing data_dir is generated as an embedded cohort of this size
+    generate_image_size: int = 256           # image side (px) of a generated cohort
+    data_seed: int = 0                       # seed of the generated cohort and of seeded splits
+    # model
+    model: str = "efficientnet_lite0_minilm"  # name of emclip/configs/models/*.json, or a path to a JSON config
+    scale_embed: bool = True                 # False: the scale-blind baseline, everything else equal
+    scale_encoding: str = "sincos"
+    aggregator: str = "gated_attention"
+    loss: str = "clip"                       # "clip" (InfoNCE) or "siglip"
+    lock_text: bool = True                   # freeze the text transformer; its projection still trains
+    # training
+    mode: str = "cache"                      # "cache": frozen trunk + feature cache; "e2e": trunk trains too
+    epochs: int = 30
+    batch_size: int = 32                     # patients per process per optimizer step
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    accum_freq: int = 1                      # micro-batches per step; negatives from all of them are kept
+    max_instances: int | None = 16           # images sampled per bag per training step (None: all)
+    precision: str = "no"                    # mixed precision: "no", "bf16" or "fp16" (fp16 needs a GPU)
+    seed: int = 0
+    num_processes: int = 1                   # used by notebook_launcher; `accelerate launch` sets its own
+    num_workers: int = 0                     # DataLoader workers for image decoding (e2e mode, cache building)
+    # outputs
+    run_dir: str = "runs/demo"
+    cache_dir: str = "cache"
+    checkpoint_every: int = 50               # steps between resumable checkpoints (and one at every epoch end)
+    eval_batch_size: int = 64
+    max_steps: int | None = None             # stop early after this many optimizer steps (tests, smoke runs)
+
+    def __post_init__(self):
+        problems = []
+        for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("aggregator", AGGREGATORS),
+                              ("scale_encoding", SCALE_ENCODINGS), ("loss", ("clip", "siglip"))):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in ("epochs", "batch_size", "accum_freq", "num_processes", "checkpoint_every", "eval_batch_size"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.max_instances is not None and self.max_instances < 1:
+            problems.append(f"max_instances must be >= 1 or null, got {self.max_instances}")
+        if problems:
+            raise ValueError("invalid training configuration: " + "; ".join(problems))
+
+    # paths, resolved against the project root so notebooks work from any working directory
+    @property
+    def data_path(self) -> Path:
+        return resolve(self.data_dir)
+
+    @property
+    def run_path(self) -> Path:
+        return resolve(self.run_dir)
+
+    @property
+    def cache_path(self) -> Path:
+        return resolve(self.cache_dir)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _parse_value(text: str):
+    """``key=value`` values are YAML scalars: true/false, numbers, null, or strings."""
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def parse_overrides(items: list[str] | dict | None) -> dict:
+    if items is None:
+        return {}
+    if isinstance(items, dict):
+        return dict(items)
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = _parse_value(value)
+    return out
+
+
+def params_file(name_or_path: str | Path) -> Path:
+    """A named parameter set (``demo`` -> ``params/demo.yaml``) or an explicit YAML path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        return path if path.is_absolute() or path.exists() else resolve(path)
+    return project_root() / "params" / f"{name_or_path}.yaml"
+
+
+def load_config(params: str | Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """Defaults <- the parameter set's ``train`` section (or whole file) <- overrides; unknown keys are errors."""
+    values: dict = {}
+    if params is not None:
+        path = params_file(params)
+        if not path.is_file():
+            raise FileNotFoundError(f"parameter set {params!r} not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        values.update(raw.get("train", raw) if isinstance(raw, dict) else {})
+    values.update(parse_overrides(overrides))
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown training parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return TrainConfig(**values)

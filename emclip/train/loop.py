@@ -1,0 +1,322 @@
+"""The training loop, on accelerate: one process or many, CPU or GPUs, resumable at any step.
+
+Read top to bottom: ``train(cfg)`` sets up data, model, optimizer and schedule; ``_Trainer.step`` does one optimizer
+step (with gradient accumulation that keeps every negative); validation computes the contrastive loss over the whole
+validation split at once, so that it is comparable between runs whatever the batch size.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from ..data import BagDataset, ImageTransform, collate_bags
+from ..loss import ClipLoss, SigLipLoss
+from ..model import build_model
+from .cache import build_feature_cache
+from .checkpoint import copy_as, latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
+from .config import TrainConfig
+from .runinfo import ensure_cohort, write_run_info
+from .text_cache import TextFeatures
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+class EpochSampler(Sampler):
+    """A permutation of the dataset that depends only on (seed, epoch): resuming replays the same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+def cosine_with_warmup(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(warmup, 1)
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, gains and the temperature (open_clip's convention)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "logit_" in name or "bias" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, model, text: TextFeatures | None):
+        self.cfg, self.acc, self.model, self.text = cfg, accelerator, model, text
+        self.loss_fn = SigLipLoss() if cfg.loss == "siglip" else ClipLoss()
+        self.raw = accelerator.unwrap_model(model)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patient, report) embeddings of one micro-batch, through the (possibly DDP-wrapped) model."""
+        if self.text is not None:
+            batch = dict(batch, text_features=self.text.lookup(batch["patient_ids"]).to(self.acc.device))
+        out = self.model(batch)
+        return out["patient"], out["report"]
+
+    def loss(self, patient, report) -> torch.Tensor:
+        scale = self.raw.logit_scale.exp()
+        if self.cfg.loss == "siglip":
+            return self.loss_fn(patient, report, scale, self.raw.logit_bias)
+        return self.loss_fn(patient, report, scale)
+
+    def step(self, micro_batches: list[dict]) -> float:
+        """One optimizer step over ``accum_freq`` micro-batches, keeping all their negatives.
+
+        As open_clip's accum-freq: embed every micro-batch without gradient, then recompute each one with
+        gradient and take the loss of the concatenation in which only that micro-batch carries gradient.
+        """
+        if len(micro_batches) == 1:
+            patient, report = self.forward(micro_batches[0])
+            loss = self.loss(patient, report)
+            self.acc.backward(loss)
+            return self._mean_over_processes(loss)
+        with torch.no_grad():
+            cached = [self.forward(mb) for mb in micro_batches]
+        for j, mb in enumerate(micro_batches):
+            sync = j == len(micro_batches) - 1
+            ctx = self.acc.no_sync(self.model) if not sync else _null()
+            with ctx:
+                patient_j, report_j = self.forward(mb)
+                patients = torch.cat([patient_j if i == j else c[0] for i, c in enumerate(cached)])
+                reports = torch.cat([report_j if i == j else c[1] for i, c in enumerate(cached)])
+                loss = self.loss(patients, reports)
+                self.acc.backward(loss)   # summed over j this is the gradient of the full-batch loss
+        return self._mean_over_processes(loss)
+
+    def _mean_over_processes(self, loss: torch.Tensor) -> float:
+        """Each process holds the loss of its own rows against all columns; their mean is the global loss."""
+        return float(self.acc.reduce(loss.detach().clone(), "mean"))
+
+    @torch.no_grad()
+    def validation_loss(self, loader) -> float:
+        """Contrastive loss over the whole validation split as one batch (comparable across runs)."""
+        self.model.eval()
+        patients, reports = [], []
+        for batch in loader:
+            p, r = self.forward(batch)
+            p, r = self.acc.gather_for_metrics((p.contiguous(), r.contiguous()))
+            patients.append(p)
+            reports.append(r)
+        self.model.train()
+        patients, reports = torch.cat(patients), torch.cat(reports)
+        return float(local_loss(self.cfg.loss, patients, reports, self.raw))
+
+
+def local_loss(kind: str, patients: torch.Tensor, reports: torch.Tensor, model) -> torch.Tensor:
+    """The contrastive loss of already-gathered embeddings, computed on this process only."""
+    logits = model.logit_scale.exp() * patients @ reports.T
+    if kind == "siglip":
+        logits = logits + model.logit_bias
+        labels = 2 * torch.eye(len(logits), device=logits.device) - 1
+        return -torch.nn.functional.logsigmoid(labels * logits).sum() / len(logits)
+    target = torch.arange(len(logits), device=logits.device)
+    return (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _datasets(cfg: TrainConfig, cohort, model, accelerator, log):
+    if cfg.mode == "cache":
+        cache = build_feature_cache(model, cohort, cfg.cache_path, accelerator, batch_size=cfg.eval_batch_size,
+                                    num_workers=cfg.num_workers, log=log)
+        make = lambda split, k: BagDataset(cohort, split, features=cache.features, feature_zoom=cache.zoom,  # noqa
+                                           max_instances=k, seed=cfg.seed)
+    else:
+        transform = ImageTransform.from_preprocess(model.preprocess)
+        make = lambda split, k: BagDataset(cohort, split, transform=transform, max_instances=k, seed=cfg.seed)  # noqa
+    return make("train", cfg.max_instances), make("val", None)
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Train (or resume) the run in ``cfg.run_dir``; returns a summary with the best validation loss."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.precision)
+    is_main = accelerator.is_main_process
+    say = log if is_main else (lambda *_: None)
+    run = cfg.run_path
+    ckpt_root = run / "checkpoints"
+    if is_main:
+        run.mkdir(parents=True, exist_ok=True)
+    cohort = ensure_cohort(cfg, accelerator, say)
+    set_seed(cfg.seed)
+    model = build_model(cfg.model, scale_embed=cfg.scale_embed, scale_encoding=cfg.scale_encoding,
+                        aggregator=cfg.aggregator, loss=cfg.loss, lock_image=cfg.mode == "cache",
+                        lock_text=cfg.lock_text)
+    model.to(accelerator.device)
+    if is_main:
+        write_run_info(run, cfg, model, cohort)
+    train_ds, val_ds = _datasets(cfg, cohort, model, accelerator, say)
+    text = TextFeatures.build(model, cohort, cfg.eval_batch_size) if cfg.lock_text else None
+    global_batch = cfg.batch_size * accelerator.num_processes
+    if len(train_ds) < global_batch * cfg.accum_freq:
+        raise ValueError(f"the train split has {len(train_ds)} patients, fewer than one step needs "
+                         f"(batch_size {cfg.batch_size} x {accelerator.num_processes} processes x accum_freq "
+                         f"{cfg.accum_freq}); lower batch_size")
+    sampler = EpochSampler(len(train_ds), cfg.seed)
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                              collate_fn=collate_bags, num_workers=cfg.num_workers)
+    val_loader = DataLoader(val_ds, batch_size=cfg.eval_batch_size, collate_fn=collate_bags,
+                            num_workers=cfg.num_workers)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    steps_per_epoch = len(train_ds) // global_batch // cfg.accum_freq
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, total_steps))
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    trainer = _Trainer(cfg, accelerator, model, text)
+
+    step, start_epoch, skip, best = 0, 0, 0, math.inf
+    resume = latest_checkpoint(ckpt_root)
+    if resume is not None:
+        meta = load_checkpoint(resume, trainer.raw, optimizer, scheduler)
+        step, start_epoch, skip = meta["step"], meta["epoch"], meta["batch_in_epoch"]
+        best = meta.get("best_val_loss", math.inf)
+        say(f"resuming {run} from {resume.name} (epoch {start_epoch}, step {step})")
+    log_path = run / "metrics_log.csv"
+    fields = ["step", "epoch", "loss", "lr", "logit_scale", "val_loss", "seconds"]
+    if is_main:
+        if resume is None or not log_path.exists():
+            with open(log_path, "w", newline="") as fh:
+                csv.writer(fh).writerow(fields)
+        else:
+            _truncate_log(log_path, fields, step)
+    writer = _TensorBoard(run) if is_main else None
+    start = time.perf_counter()
+    done = step >= total_steps or (cfg.max_steps is not None and step >= cfg.max_steps)
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {run.name}", unit="step", disable=not is_main)
+
+    def checkpoint(epoch: int, batch_in_epoch: int, val_loss: float | None = None):
+        accelerator.wait_for_everyone()
+        if is_main:
+            meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_val_loss": best,
+                    "val_loss": val_loss, "config": cfg.to_dict()}
+            return save_checkpoint(ckpt_root, trainer.raw, optimizer, scheduler, meta)
+        return None
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if done:
+            break
+        sampler.set_epoch(epoch)
+        train_ds.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_loader, skip * cfg.accum_freq) if skip else train_loader
+        if hasattr(loader, "set_epoch"):   # accelerate's loaders re-seed the sampler from their own epoch counter
+            loader.set_epoch(epoch)
+        batch_in_epoch, micro = skip, []
+        skip = 0
+        for batch in loader:
+            micro.append(batch)
+            if len(micro) < cfg.accum_freq:
+                continue
+            loss = trainer.step(micro)
+            micro = []
+            if not math.isfinite(loss):
+                last = latest_checkpoint(ckpt_root)
+                raise TrainingDiverged(f"loss is {loss} at step {step + 1} (epoch {epoch}); stopped without saving. "
+                                       f"Last good checkpoint: {last or 'none'}. Lower lr or check the inputs.")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            trainer.raw.clamp_logit_scale()
+            step += 1
+            batch_in_epoch += 1
+            bar.update()
+            if is_main:
+                row = [step, epoch, round(loss, 6), scheduler.get_last_lr()[0],
+                       round(float(trainer.raw.logit_scale.detach().exp()), 4), "", round(time.perf_counter() - start, 2)]
+                _append(log_path, row)
+                writer.scalars(step, loss=loss, lr=row[3], logit_scale=row[4])
+                bar.set_postfix(loss=f"{loss:.3f}")
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                done = True
+                break
+            if step % cfg.checkpoint_every == 0 and batch_in_epoch < steps_per_epoch:
+                checkpoint(epoch, batch_in_epoch)
+        if done and batch_in_epoch < steps_per_epoch:
+            checkpoint(epoch, batch_in_epoch)
+            break
+        val_loss = trainer.validation_loss(val_loader)
+        improved = val_loss < best
+        best = min(best, val_loss)
+        if is_main:
+            _append(log_path, [step, epoch, "", "", "", round(val_loss, 6), round(time.perf_counter() - start, 2)])
+            writer.scalars(step, val_loss=val_loss)
+            say(f"epoch {epoch + 1}/{cfg.epochs}: step {step}, val loss {val_loss:.4f}" + (" (best)" if improved else ""))
+        path = checkpoint(epoch + 1, 0, val_loss)
+        if is_main and improved:
+            copy_as(ckpt_root, path, "best")
+    bar.close()
+    accelerator.wait_for_everyone()
+    summary = {"run_dir": str(run), "steps": step, "best_val_loss": best, "seconds": round(time.perf_counter() - start, 2),
+               "processes": accelerator.num_processes}
+    if is_main:
+        write_text_atomic(run / "train_summary.json", __import__("json").dumps(summary, indent=2) + "\n")
+        writer.close()
+    accelerator.end_training()
+    return summary
+
+
+def _append(path: Path, row: list) -> None:
+    with open(path, "a", newline="") as fh:
+        csv.writer(fh).writerow(row)
+
+
+def _truncate_log(path: Path, fields: list[str], step: int) -> None:
+    """On resume, drop log rows written after the checkpoint, so the log matches an uninterrupted run."""
+    if not path.exists():
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    keep = [fields] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows(keep)
+
+
+class _TensorBoard:
+    """TensorBoard scalars when tensorboard is installed; silently nothing otherwise (the CSV log always exists)."""
+
+    def __init__(self, run: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.w = SummaryWriter(str(run / "tensorboard"))
+        except Exception:  # noqa: BLE001 - tensorboard is optional
+            self.w = None
+
+    def scalars(self, step: int, **values):
+        if self.w is not None:
+            for k, v in values.items():
+                self.w.add_scalar(k, v, step)
+
+    def close(self):
+        if self.w is not None:
+            self.w.close()

@@ -1,0 +1,388 @@
+"""Metric functions for retrieval, classification and uncertainty (no I/O).
+
+Retrieval ranks and ties
+------------------------
+For a query with positive items P, the rank is the 1-based position of its *first* (best-scoring) positive;
+a query is a hit at k when that rank is <= k, i.e. when any positive is among its top-k items
+(clip_benchmark's definition). Positives tied with each other never push one another down.
+Ties between the best positive and negatives are resolved explicitly:
+
+* ``ties="pessimistic"`` (default): tied negatives rank *before* the positive,
+  ``rank = 1 + #{negatives with score >= best positive}``. A model that scores everything equally gets no
+  hits, which is why it is the default (``torch.topk`` would instead break ties by memory order).
+* ``ties="optimistic"``: tied negatives rank after it, ``rank = 1 + #{negatives with score > best positive}``.
+
+Excluded items (e.g. the query patient's own images) are removed from the ranking, even if also listed
+as positive. A query without any (non-excluded) positive gets rank ``inf``: it never counts as a hit and
+stays in the denominator.
+
+Ranks are computed by counting, not by sorting, so they are exact for any k and the median rank comes for
+free; from embeddings the score matrix only ever exists one chunk of queries at a time.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+__all__ = [
+    'retrieval_ranks', 'retrieval_ranks_from_embeddings', 'recall_at_k', 'recall_at_k_from_embeddings',
+    'recall_from_ranks', 'median_rank', 'roc_auc_ovr', 'classification_metrics', 'headline_metrics',
+    'bootstrap_ci', 'paired_bootstrap', 'HEADLINE_METRICS',
+]
+
+DEFAULT_KS = (1, 5, 10, 50)
+_CHUNK_BYTES = 256 * 2 ** 20  # score-matrix budget per chunk when chunk_size is not given
+_BLOCK_ELEMENTS = 2 ** 22
+
+
+# ----------------------------------------------------------------------------------------------- retrieval
+def _as_tensor(x, device=None) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    return t.to(device) if device is not None else t
+
+
+class _ItemSets:
+    """Per-query item sets (positives or exclusions) sliceable by query chunk.
+
+    Accepts a boolean matrix (queries x items), one index per query (1-D ints), a sequence of index sequences,
+    or a callable ``fn(start, stop) -> bool [stop - start, n_items]`` that builds the mask lazily.
+    """
+
+    def __init__(self, spec, n_queries: int):
+        self.fn = self.mask = None
+        if callable(spec):
+            self.fn = spec
+            return
+        is_bool = (isinstance(spec, torch.Tensor) and spec.dtype == torch.bool) or \
+            (isinstance(spec, np.ndarray) and spec.dtype == np.bool_)
+        if is_bool:
+            if spec.ndim != 2 or spec.shape[0] != n_queries:
+                raise ValueError(f'boolean item mask must be (n_queries={n_queries}, n_items), got {tuple(spec.shape)}')
+            self.mask = _as_tensor(spec)
+            return
+        if isinstance(spec, (torch.Tensor, np.ndarray)) and spec.ndim == 1:
+            lists = [[int(i)] for i in (spec.cpu().numpy() if isinstance(spec, torch.Tensor) else spec)]
+        else:
+            lists = [np.asarray(s, dtype=np.int64).reshape(-1) for s in spec]
+        if len(lists) != n_queries:
+            raise ValueError(f'got item sets for {len(lists)} queries, expected {n_queries}')
+        lengths = np.array([len(s) for s in lists], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.cols = np.concatenate(lists).astype(np.int64) if lengths.sum() else np.zeros(0, np.int64)
+        self.rows = np.repeat(np.arange(n_queries), lengths)
+
+    def chunk(self, start: int, stop: int, device):
+        """Return ('mask', bool [c, n]) or ('index', row ids relative to start, column ids)."""
+        if self.fn is not None:
+            return 'mask', _as_tensor(self.fn(start, stop), device).bool()
+        if self.mask is not None:
+            return 'mask', self.mask[start:stop].to(device)
+        a, b = self.offsets[start], self.offsets[stop]
+        rows = torch.from_numpy(self.rows[a:b] - start).to(device)
+        return 'index', rows, torch.from_numpy(self.cols[a:b]).to(device)
+
+
+def _column_blocks(n_rows: int, n_cols: int):
+    # reductions over a bool matrix upcast it to int64 in one go (8 bytes per element); doing them on column
+    # blocks of ~4M elements keeps that temporary small next to the score chunk itself
+    width = max(1, _BLOCK_ELEMENTS // max(1, n_rows))
+    return [(a, min(n_cols, a + width)) for a in range(0, n_cols, width)]
+
+
+def _chunk_ranks(scores: torch.Tensor, pos: tuple, excl: tuple | None, ties: str) -> torch.Tensor:
+    """Ranks of the first positive for one chunk of the score matrix (modified in place)."""
+    c, n = scores.shape
+    blocks = _column_blocks(c, n)
+    if excl is not None:  # exclusion first, so an excluded positive cannot count
+        if excl[0] == 'mask':
+            scores.masked_fill_(excl[1], float('-inf'))
+        else:
+            scores[excl[1], excl[2]] = float('-inf')
+    best = torch.full((c,), float('-inf'), dtype=scores.dtype, device=scores.device)
+    if pos[0] == 'mask':
+        for a, b in blocks:
+            best = torch.maximum(best, scores[:, a:b].masked_fill(~pos[1][:, a:b], float('-inf')).amax(dim=1))
+    elif pos[1].numel():
+        best = best.scatter_reduce(0, pos[1], scores[pos[1], pos[2]], reduce='amax')
+    # optimistic: positives cannot score above the best positive, so every item above it is a negative;
+    # pessimistic: count everything at or above it, then take the positives back out
+    n_before = torch.zeros(c, dtype=torch.int64, device=scores.device)
+    for a, b in blocks:
+        above = scores[:, a:b] > best[:, None] if ties == 'optimistic' else scores[:, a:b] >= best[:, None]
+        n_before += above.sum(dim=1)
+        if ties == 'pessimistic' and pos[0] == 'mask':
+            n_before -= (above & pos[1][:, a:b]).sum(dim=1)
+    if ties == 'pessimistic' and pos[0] == 'index' and pos[1].numel():
+        tied = (scores[pos[1], pos[2]] >= best[pos[1]]).long()
+        n_before.index_add_(0, pos[1], -tied)
+    ranks = (n_before + 1).double()
+    ranks[torch.isneginf(best)] = float('inf')  # no usable positive
+    return ranks
+
+
+def _check_ties(ties: str):
+    if ties not in ('pessimistic', 'optimistic'):
+        raise ValueError(f"ties must be 'pessimistic' or 'optimistic', got {ties!r}")
+
+
+def retrieval_ranks(similarity, positives, exclude=None, ties: str = 'pessimistic', chunk_size: int | None = None):
+    """Rank of the first positive per query from a dense (queries x items) similarity matrix.
+
+    Returns a float64 numpy array (``inf`` for queries without positives). See the module docstring for ties.
+    """
+    _check_ties(ties)
+    sim = _as_tensor(similarity)
+    n_q, n_i = sim.shape
+    pos, excl = _ItemSets(positives, n_q), (_ItemSets(exclude, n_q) if exclude is not None else None)
+    chunk_size = chunk_size or max(1, _CHUNK_BYTES // max(1, n_i * sim.element_size()))
+    out = []
+    for a in range(0, n_q, chunk_size):
+        b = min(n_q, a + chunk_size)
+        block = sim[a:b].clone()  # masking happens in place
+        out.append(_chunk_ranks(block, pos.chunk(a, b, sim.device),
+                                excl.chunk(a, b, sim.device) if excl else None, ties))
+    return torch.cat(out).cpu().numpy() if out else np.zeros(0)
+
+
+@torch.no_grad()
+def retrieval_ranks_from_embeddings(
+        queries, items, positives, exclude=None, chunk_size: int | None = None, ties: str = 'pessimistic',
+        device: str | torch.device | None = None):
+    """Ranks computed lazily: ``queries @ items.T`` is formed one chunk of ``chunk_size`` queries at a time.
+
+    Peak extra memory is about ``chunk_size * n_items * (itemsize + 1)`` bytes. The dtype of the embeddings is
+    kept (float32 stays float32), so chunked and dense ranks agree whenever scores are not within rounding
+    of each other.
+    """
+    _check_ties(ties)
+    q, x = _as_tensor(queries, device), _as_tensor(items, device)
+    n_q, n_i = q.shape[0], x.shape[0]
+    pos, excl = _ItemSets(positives, n_q), (_ItemSets(exclude, n_q) if exclude is not None else None)
+    chunk_size = chunk_size or max(1, _CHUNK_BYTES // max(1, n_i * x.element_size()))
+    out = []
+    for a in range(0, n_q, chunk_size):
+        b = min(n_q, a + chunk_size)
+        scores = q[a:b] @ x.T
+        out.append(_chunk_ranks(scores, pos.chunk(a, b, x.device), excl.chunk(a, b, x.device) if excl else None,
+                                ties))
+        del scores
+    return torch.cat(out).cpu().numpy() if out else np.zeros(0)
+
+
+def recall_from_ranks(ranks, ks: Sequence[int] = DEFAULT_KS) -> dict[int, float]:
+    """Fraction of queries whose first positive has rank <= k, for each k."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return {int(k): float(np.mean(ranks <= k)) if len(ranks) else float('nan') for k in ks}
+
+
+def median_rank(ranks) -> float:
+    """Median rank of the first positive (``inf`` when more than half of the queries have no positive)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return float(np.median(ranks)) if len(ranks) else float('nan')
+
+
+def recall_at_k(similarity, positives, ks: Sequence[int] = DEFAULT_KS, exclude=None,
+                ties: str = 'pessimistic') -> dict[int, float]:
+    """Recall@k (any positive among the top k) from a dense similarity matrix; returns ``{k: recall}``."""
+    return recall_from_ranks(retrieval_ranks(similarity, positives, exclude, ties), ks)
+
+
+def recall_at_k_from_embeddings(queries, items, positives, ks: Sequence[int] = DEFAULT_KS,
+                                chunk_size: int | None = None, exclude=None, ties: str = 'pessimistic',
+                                device=None) -> dict[int, float]:
+    """Recall@k from embeddings without materialising the full score matrix; returns ``{k: recall}``."""
+    return recall_from_ranks(
+        retrieval_ranks_from_embeddings(queries, items, positives, exclude, chunk_size, ties, device), ks)
+
+
+# ------------------------------------------------------------------------------------------ classification
+HEADLINE_METRICS = ('roc_auc_macro_ovr', 'balanced_accuracy', 'f1_weighted', 'f1_macro', 'accuracy')
+
+
+def roc_auc_ovr(y_true: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """One-vs-rest ROC-AUC per class column; NaN where the class is absent (or the only class) in y_true.
+
+    Mann-Whitney form with tie-averaged ranks, which equals sklearn's ``roc_auc_score``; all columns are ranked in
+    one call because bootstrap loops evaluate it thousands of times.
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(y_true)
+    is_pos = y[:, None] == np.arange(p.shape[1])[None, :]
+    n_pos = is_pos.sum(0).astype(np.float64)
+    n_neg = len(y) - n_pos
+    ranks = rankdata(p, axis=0) if len(y) else np.zeros_like(p)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        auc = ((ranks * is_pos).sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
+def _confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def _scores_from_confusion(cm: np.ndarray) -> dict[str, float]:
+    tp, support, predicted = np.diag(cm).astype(float), cm.sum(1).astype(float), cm.sum(0).astype(float)
+    present = support > 0
+    used = present | (predicted > 0)  # sklearn's default label set: classes in y_true or y_pred
+    with np.errstate(divide='ignore', invalid='ignore'):
+        recall = np.where(present, tp / support, 0.0)
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    n = support.sum()
+    return {
+        'accuracy': float(tp.sum() / n),
+        'balanced_accuracy': float(recall[present].mean()),  # mean recall over classes present in y_true
+        'f1_macro': float(f1[used].mean()),  # unweighted mean over classes (PLIP calls this "weighted")
+        'f1_weighted': float((f1 * support).sum() / n),  # weighted by true-class support
+    }
+
+
+def _to_indices(y_true, class_names: Sequence[str]) -> np.ndarray:
+    y = np.asarray(y_true)
+    if y.dtype.kind in 'iu':
+        if len(y) and (y.min() < 0 or y.max() >= len(class_names)):
+            raise ValueError(f'class indices must lie in [0, {len(class_names)}), got [{y.min()}, {y.max()}]')
+        return y.astype(np.int64)
+    lookup = {c: i for i, c in enumerate(class_names)}
+    unknown = sorted({str(v) for v in y if v not in lookup})
+    if unknown:
+        raise ValueError(f'labels not in class_names: {unknown}')
+    return np.array([lookup[v] for v in y], dtype=np.int64)
+
+
+def headline_metrics(y_true, probabilities) -> dict[str, float]:
+    """Scalar metrics only (fast enough for bootstrap loops): AUC macro OvR, balanced acc., F1s, accuracy.
+
+    ``y_true`` are class indices into the columns of ``probabilities``; predictions are the arg-max column.
+    """
+    y, p = np.asarray(y_true, dtype=np.int64), np.asarray(probabilities, dtype=np.float64)
+    if len(y) == 0:
+        return {k: float('nan') for k in HEADLINE_METRICS}
+    out = _scores_from_confusion(_confusion(y, p.argmax(1), p.shape[1]))
+    auc = roc_auc_ovr(y, p)
+    out['roc_auc_macro_ovr'] = float(np.nanmean(auc)) if np.isfinite(auc).any() else float('nan')
+    return {k: out[k] for k in HEADLINE_METRICS}
+
+
+def classification_metrics(y_true, probabilities, class_names: Sequence[str]) -> dict:
+    """Full classification report for predicted class probabilities.
+
+    ``y_true`` holds class indices or class names. Returns ``accuracy``, ``balanced_accuracy`` (mean recall over
+    classes present in y_true), ``f1_macro`` (unweighted mean over classes in y_true or y_pred), ``f1_weighted``
+    (weighted by support), ``roc_auc_macro_ovr`` (mean one-vs-rest AUC over classes where it is defined),
+    ``roc_auc_per_class`` (None where undefined), ``classes_absent`` (no true example), ``auc_undefined``
+    (classes excluded from the macro AUC), ``confusion_matrix`` (rows = true, columns = predicted, in
+    ``class_names`` order), ``support`` and ``n``.
+    """
+    class_names = list(class_names)
+    p = np.asarray(probabilities, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != len(class_names):
+        raise ValueError(f'probabilities must be (n, {len(class_names)}), got {p.shape}')
+    y = _to_indices(y_true, class_names)
+    if len(y) != len(p):
+        raise ValueError(f'{len(y)} labels but {len(p)} probability rows')
+    out = headline_metrics(y, p)
+    auc = roc_auc_ovr(y, p) if len(y) else np.full(len(class_names), np.nan)
+    support = np.bincount(y, minlength=len(class_names))
+    cm = _confusion(y, p.argmax(1), len(class_names)) if len(y) else np.zeros((len(class_names),) * 2, int)
+    out.update({
+        'n': int(len(y)),
+        'roc_auc_per_class': {c: (float(a) if np.isfinite(a) else None) for c, a in zip(class_names, auc)},
+        'classes_absent': [c for c, s in zip(class_names, support) if s == 0],
+        'auc_undefined': [c for c, a in zip(class_names, auc) if not np.isfinite(a)],
+        'support': {c: int(s) for c, s in zip(class_names, support)},
+        'confusion_matrix': cm.tolist(),
+        'class_names': class_names,
+    })
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ bootstrap
+def _resample_indices(rng: np.random.Generator, n: int, members: tuple | None) -> np.ndarray:
+    """Row indices of one bootstrap replicate: rows, or whole groups when ``members`` is given."""
+    if members is None:
+        return rng.integers(0, n, size=n)
+    order, starts, sizes = members
+    picked = rng.integers(0, len(sizes), size=len(sizes))
+    lengths = sizes[picked]
+    offsets_in_group = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return order[np.repeat(starts[picked], lengths) + offsets_in_group]
+
+
+def _group_members(groups, n: int) -> tuple | None:
+    """(rows sorted by group, start of each group, group sizes); None when every row is its own group."""
+    if groups is None:
+        return None
+    groups = np.asarray(groups)
+    if len(groups) != n:
+        raise ValueError(f'groups has {len(groups)} entries for {n} rows')
+    _, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    if len(sizes) == n:
+        return None
+    return np.argsort(inverse, kind='stable'), np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes
+
+
+def _interval(values: list[float], alpha: float) -> tuple[float, float, int]:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return float('nan'), float('nan'), 0
+    lo, hi = np.quantile(v, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi), int(len(v))
+
+
+def bootstrap_ci(metric_fn: Callable[..., float | Mapping[str, float]], *arrays, n_boot: int = 1000, seed: int = 0,
+                 alpha: float = 0.05, groups=None) -> dict:
+    """Percentile bootstrap CI of ``metric_fn(*arrays)``, resampling rows (patients) with replacement.
+
+    All arrays are indexed by patient along axis 0. With ``groups`` (one id per row, e.g. the patient of each
+    image-level query) whole groups are resampled instead (cluster bootstrap). Resamples where the metric is not
+    finite (e.g. AUC with one class drawn) are dropped and counted in ``n_valid``. A scalar metric gives
+    ``{value, ci_low, ci_high, n_boot, n_valid}``; a dict-valued metric gives that dict per key.
+    """
+    n = len(arrays[0])
+    if any(len(a) != n for a in arrays):
+        raise ValueError('all arrays must have the same length along axis 0')
+    arrays = [a if isinstance(a, (np.ndarray, torch.Tensor)) else np.asarray(a) for a in arrays]
+    members, rng = _group_members(groups, n), np.random.default_rng(seed)
+    estimate = metric_fn(*arrays)
+    is_dict = isinstance(estimate, Mapping)
+    samples: dict = {k: [] for k in estimate} if is_dict else {None: []}
+    for _ in range(n_boot):
+        idx = _resample_indices(rng, n, members)
+        value = metric_fn(*[a[idx] for a in arrays])
+        for k in samples:
+            samples[k].append(value[k] if is_dict else value)
+    out = {}
+    for k, values in samples.items():
+        lo, hi, n_valid = _interval(values, alpha)
+        v = estimate[k] if is_dict else estimate
+        out[k] = {'value': float(v), 'ci_low': lo, 'ci_high': hi, 'n_boot': n_boot, 'n_valid': n_valid}
+    return out if is_dict else out[None]
+
+
+def paired_bootstrap(metric_fn: Callable[[np.ndarray, np.ndarray], float], y_true, probs_a, probs_b,
+                     n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, groups=None) -> dict:
+    """Bootstrap the difference ``metric(a) - metric(b)`` of two models scored on the same patients.
+
+    Both models see the same resampled patients in every replicate. Returns ``value_a``, ``value_b``,
+    ``difference``, its percentile CI (``ci_low``, ``ci_high``), ``p_le_0`` (fraction of valid resamples where the
+    difference is <= 0: a one-sided bootstrap p-value for "a is not better than b"), ``n_boot`` and ``n_valid``.
+    """
+    y, pa, pb = np.asarray(y_true), np.asarray(probs_a), np.asarray(probs_b)
+    if not (len(y) == len(pa) == len(pb)):
+        raise ValueError('y_true, probs_a and probs_b must cover the same patients')
+    members, rng = _group_members(groups, len(y)), np.random.default_rng(seed)
+    va, vb = float(metric_fn(y, pa)), float(metric_fn(y, pb))
+    diffs = []
+    for _ in range(n_boot):
+        idx = _resample_indices(rng, len(y), members)
+        diffs.append(metric_fn(y[idx], pa[idx]) - metric_fn(y[idx], pb[idx]))
+    lo, hi, n_valid = _interval(diffs, alpha)
+    d = np.asarray(diffs, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    return {'value_a': va, 'value_b': vb, 'difference': va - vb, 'ci_low': lo, 'ci_high': hi,
+            'p_le_0': float(np.mean(d <= 0)) if len(d) else float('nan'), 'n_boot': n_boot, 'n_valid': n_valid}

@@ -11,7 +11,7 @@ PATIENTS ?= 500
 .PHONY: help install test test-fast demo cohort figures lab clean
 
 help:
-	@echo "make demo     install, generate the embedded cohort and run the whole pipeline"
+	@echo "make demo     install, generate the embedded cohort and run notebooks 01-05 into reports/demo/"
 	@echo "make test     install and run the test suite (pytest + notebook validation)"
 	@echo "make cohort   only generate the embedded cohort into $(DATA)"
 	@echo "make lab      start JupyterLab with the project's kernel"
@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# pytest, then nbval executes every notebook with the seconds-scale parameter set params/ci.yaml
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest tests
+	EMCLIP_PARAMS=ci $(PY) -m pytest --nbval-lax -p no:cacheprovider notebooks
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not distributed"
@@ -38,14 +40,16 @@ $(DATA)/reports.csv: | $(STAMP)
 cohort: $(DATA)/reports.csv
 
 figures: install cohort
+	$(PY) -m emclip.data check $(DATA)
 	$(PY) -m emclip.synthetic.figure --data $(DATA) --out reports/summary/cohort_grid.png
 
-demo: install cohort figures
-	$(PY) -m emclip.data check $(DATA)
+# the whole study on the embedded cohort: notebooks 01 -> 05 with params/demo.yaml into reports/demo/
+demo: install
+	$(PY) -m emclip.pipeline demo
 
 lab: install
 	$(PY) -m ipykernel install --user --name emclip --display-name "Python (emclip)"
-	$(VENV)/bin/jupyter lab
+	cd notebooks && ../$(VENV)/bin/jupyter lab
 
 clean:
 	rm -rf $(DATA) reports/*/ .pytest_cache

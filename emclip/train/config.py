@@ -51,7 +51,7 @@ class TrainConfig:
     max_steps: int | None = None             # stop early after this many optimizer steps (tests, smoke runs)
 
     def __post_init__(self):
-        problems = []
+        problems = _coerce_types(self)
         for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("aggregator", AGGREGATORS),
                               ("scale_encoding", SCALE_ENCODINGS), ("loss", ("clip", "siglip"))):
             if getattr(self, name) not in allowed:
@@ -84,6 +84,36 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _coerce_types(cfg: "TrainConfig") -> list[str]:
+    """Accept strings for typed fields (papermill's ``-p scale_embed false`` passes the string "false", which would
+    otherwise be truthy); return one message per value that cannot be converted."""
+    problems = []
+    for f in fields(cfg):
+        value, kind = getattr(cfg, f.name), str(f.type)
+        if not isinstance(value, str) or kind.startswith("str"):
+            if kind.startswith("bool") and not isinstance(value, bool) and value in (0, 1):
+                setattr(cfg, f.name, bool(value))
+            continue
+        text = value.strip().lower()
+        try:
+            if kind.startswith("bool"):
+                if text not in _TRUE | _FALSE:
+                    raise ValueError
+                setattr(cfg, f.name, text in _TRUE)
+            elif "None" in kind and text in ("none", "null", ""):
+                setattr(cfg, f.name, None)
+            elif kind.startswith("int"):
+                setattr(cfg, f.name, int(text))
+            elif kind.startswith("float"):
+                setattr(cfg, f.name, float(text))
+        except ValueError:
+            problems.append(f"{f.name}={value!r} is not a valid {kind}")
+    return problems
 
 
 def _parse_value(text: str):

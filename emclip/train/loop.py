@@ -48,6 +48,14 @@ class EpochSampler(Sampler):
         return self.n
 
 
+def build_run_model(cfg: TrainConfig):
+    """The model a run trains, initialised from ``cfg.seed`` (so a random trunk is the same in every process and in
+    the feature cache's key)."""
+    set_seed(cfg.seed)
+    return build_model(cfg.model, scale_embed=cfg.scale_embed, scale_encoding=cfg.scale_encoding,
+                       aggregator=cfg.aggregator, loss=cfg.loss, lock_image=cfg.mode == "cache", lock_text=cfg.lock_text)
+
+
 def cosine_with_warmup(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -170,10 +178,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if is_main:
         run.mkdir(parents=True, exist_ok=True)
     cohort = ensure_cohort(cfg, accelerator, say)
-    set_seed(cfg.seed)
-    model = build_model(cfg.model, scale_embed=cfg.scale_embed, scale_encoding=cfg.scale_encoding,
-                        aggregator=cfg.aggregator, loss=cfg.loss, lock_image=cfg.mode == "cache",
-                        lock_text=cfg.lock_text)
+    model = build_run_model(cfg)
     model.to(accelerator.device)
     if is_main:
         write_run_info(run, cfg, model, cohort)

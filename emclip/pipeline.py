@@ -1,0 +1,330 @@
+"""Glue for the numbered notebooks: parameter sets, run evaluation, training curves, ablations, notebook execution.
+
+Notebooks stay thin drivers: everything they compute is a call into this module or the package.
+``python -m emclip.pipeline demo`` executes notebooks 01 -> 05 with papermill into ``reports/demo/`` (``make demo``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from .data import BagDataset, ImageTransform, collate_bags, load_cohort
+from .evaluation import Embeddings, compare_runs, embed_cohort, evaluate, load_prompts
+from .paths import project_root, resolve
+from .train.cache import build_feature_cache
+from .train.checkpoint import latest_checkpoint, load_model_weights
+from .train.config import TrainConfig, load_config, params_file
+from .train.loop import build_run_model
+
+NOTEBOOKS = ("01_data_audit", "02_features", "03_train", "04_ablations", "05_evaluation")
+DEFAULT_PARAMS = "demo"
+
+
+def params_name(params: str | None) -> str:
+    """The parameter set a notebook uses: its ``params`` argument, else $EMCLIP_PARAMS, else ``demo``."""
+    return params or os.environ.get("EMCLIP_PARAMS") or DEFAULT_PARAMS
+
+
+def load_params(params: str | None) -> dict:
+    """The whole parameter set (data, train, ablations, evaluation sections) as a dict."""
+    path = params_file(params_name(params))
+    if not path.is_file():
+        raise FileNotFoundError(f"parameter set {params_name(params)!r} not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    raw.setdefault("name", path.stem)
+    return raw
+
+
+def train_config(params: str | None, **given) -> TrainConfig:
+    """The parameter set's training configuration with every notebook parameter that is not None applied."""
+    return load_config(params_file(params_name(params)), {k: v for k, v in given.items() if v is not None})
+
+
+def report_dir(params: str | None, sub: str | None = None) -> Path:
+    """``reports/<parameter set name>[/sub]``, created."""
+    path = project_root() / "reports" / load_params(params)["name"]
+    path = path / sub if sub else path
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def read_log(run_dir: str | Path) -> pd.DataFrame:
+    return pd.read_csv(Path(resolve(run_dir)) / "metrics_log.csv")
+
+
+def training_curves(run_dir: str | Path, out: str | Path | None = None):
+    """Training loss, learning rate, temperature and validation loss against the step."""
+    log = read_log(run_dir)
+    steps, val = log[log.loss.notna()], log[log.val_loss.notna()]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
+    ax[0].plot(steps.step, steps.loss, lw=0.8, alpha=0.5, label="train (per step)")
+    ax[0].plot(steps.step, steps.loss.rolling(10, min_periods=1).mean(), lw=1.5, label="train (10-step mean)")
+    ax[0].plot(val.step, val.val_loss, "o-", label="validation (whole split)")
+    ax[0].set(xlabel="step", ylabel="contrastive loss", title="loss")
+    ax[0].legend(fontsize=8)
+    ax[1].plot(steps.step, steps.logit_scale)
+    ax[1].set(xlabel="step", title="logit scale  exp(t)")
+    ax[2].plot(steps.step, steps.lr)
+    ax[2].set(xlabel="step", title="learning rate")
+    fig.suptitle(Path(resolve(run_dir)).name)
+    fig.tight_layout()
+    if out is not None:
+        fig.savefig(out, dpi=100)
+    return fig
+
+
+def _prompt_classes(cohort):
+    """The bundled renal prompts when they cover the cohort's diagnoses; else classes from the cohort itself."""
+    renal = load_prompts("renal_em")
+    dx = set(cohort.reports.diagnosis.dropna())
+    return renal if dx and dx <= set(renal.classes) else None
+
+
+def load_run_model(run_dir: str | Path, checkpoint: str = "best"):
+    """The trained model of a run (``best`` checkpoint by validation loss, else the latest) and its config."""
+    run = resolve(run_dir)
+    cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
+    model = build_run_model(cfg)
+    ckpt = run / "checkpoints" / checkpoint
+    ckpt = ckpt if (ckpt / "model.safetensors").is_file() else latest_checkpoint(run / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"{run} has no checkpoint: train it first")
+    load_model_weights(model, ckpt)
+    return model.eval(), cfg
+
+
+def embed_run(run_dir: str | Path, batch_size: int = 32) -> Embeddings:
+    """Embed every patient of the run's cohort with its best model (cached trunk features in cache mode)."""
+    model, cfg = load_run_model(run_dir)
+    cohort = load_cohort(cfg.data_path, check_images="exists", seed=cfg.data_seed)
+    if cfg.mode == "cache":
+        cache = build_feature_cache(model, cohort, cfg.cache_path)
+        ds = BagDataset(cohort, None, features=cache.features, feature_zoom=cache.zoom)
+    else:
+        ds = BagDataset(cohort, None, transform=ImageTransform.from_preprocess(model.preprocess))
+    loader = DataLoader(ds, batch_size=batch_size, collate_fn=collate_bags)
+    splits = dict(zip(cohort.reports.patient_id, cohort.reports.split))
+    emb = embed_cohort(model, loader, split=splits, meta={"run_dir": str(resolve(run_dir)), **cfg.to_dict()})
+    return emb
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", n_boot: int = 1000, topj=(1, 3), out: str | Path | None = None,
+                 figures: bool = True) -> dict:
+    """Full evaluation protocol of a trained run on ``split``: writes ``<run>/eval/metrics.json`` and figures."""
+    run = resolve(run_dir)
+    emb = embed_run(run)
+    emb.save(run / "embeddings.npz")
+    model, cfg = load_run_model(run)
+    cohort = load_cohort(cfg.data_path, check_images="none", seed=cfg.data_seed)
+    with torch.no_grad():
+        return evaluate(emb, model.encode_text, model.logit_scale, out or run / "eval", classes=_prompt_classes(cohort),
+                        split=split, n_boot=n_boot, topj=topj, figures=figures, name=run.name)
+
+
+def arm_name(scale_embed: bool, aggregator: str) -> str:
+    return f"scale_{str(bool(scale_embed)).lower()}-{aggregator}"
+
+
+def ablation_table(runs: dict[str, Path], n_boot: int = 1000) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per-run table, paired scale-aware vs scale-blind differences) from each run's ``eval/`` outputs.
+
+    Per run: zero-shot macro ROC-AUC and balanced accuracy with 95% bootstrap CIs (patients resampled), the MI-Zero
+    top-j image-level baseline, report->patient Recall@1/5 and the linear probe (mean ± sd over 5 seeds). Paired:
+    for every aggregator, scale-aware minus scale-blind on the same test patients (same bootstrap resamples), for
+    both AUC and balanced accuracy, with the CI of the difference and the fraction of resamples where it is <= 0.
+    """
+    rows = []
+    for arm, run in runs.items():
+        m = json.loads((Path(run) / "eval" / "metrics.json").read_text())
+        zs = m["zero_shot"]["patient"]
+        row = {"arm": arm, "scale_embed": arm.startswith("scale_true"), "aggregator": arm.split("-", 1)[1],
+               "zs_auc": zs["roc_auc_macro_ovr"]["value"], "zs_auc_ci": _fmt_ci(zs["roc_auc_macro_ovr"]),
+               "zs_bal_acc": zs["balanced_accuracy"]["value"], "zs_bal_acc_ci": _fmt_ci(zs["balanced_accuracy"])}
+        for j, block in m["zero_shot"].get("image_topj", {}).items():
+            row[f"top{j}_image_auc"] = block["roc_auc_macro_ovr"]["value"]
+        r2p = m["retrieval"]["report_to_patient"]["recall"]
+        row["r2p_R@1"], row["r2p_R@5"] = r2p["1"]["value"], r2p["5"]["value"]
+        probe = m.get("linear_probe", {}).get("test_roc_auc_macro_ovr")
+        row["probe_auc"] = f"{probe['mean']:.3f} ± {probe['sd']:.3f}" if probe else ""
+        rows.append(row)
+    table = pd.DataFrame(rows).set_index("arm")
+    diffs = []
+    for agg in sorted({a.split("-", 1)[1] for a in runs}):
+        a, b = runs.get(arm_name(True, agg)), runs.get(arm_name(False, agg))
+        if a is None or b is None:
+            continue
+        for metric, result in (("roc_auc_macro_ovr", compare_runs(Path(a) / "eval", Path(b) / "eval", n_boot=n_boot)),
+                               ("balanced_accuracy", _paired_balanced_accuracy(Path(a) / "eval", Path(b) / "eval",
+                                                                               n_boot))):
+            diffs.append({"aggregator": agg, "metric": metric, "scale_aware": result["value_a"],
+                          "scale_blind": result["value_b"], "difference": result["difference"],
+                          "difference_ci": _fmt_ci(result), "p(diff<=0)": result["p_le_0"], "n_patients": result["n"]})
+    return table, pd.DataFrame(diffs)
+
+
+def _paired_balanced_accuracy(eval_a: Path, eval_b: Path, n_boot: int) -> dict:
+    """Paired bootstrap of patient-level zero-shot balanced accuracy between two evaluated runs."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from .metrics import paired_bootstrap
+    ta, tb = (pd.read_csv(p / "predictions.csv", keep_default_na=False) for p in (eval_a, eval_b))
+    merged = ta.merge(tb, on="patient_id", suffixes=("_a", "_b"))
+    merged = merged[(merged.patient_pred_a != "") & (merged.patient_pred_b != "") & (merged.diagnosis_a != "")]
+    classes = sorted(set(merged.diagnosis_a) | set(merged.patient_pred_a) | set(merged.patient_pred_b))
+    index = {c: i for i, c in enumerate(classes)}
+    y = merged.diagnosis_a.map(index).to_numpy()
+    pa, pb = merged.patient_pred_a.map(index).to_numpy(), merged.patient_pred_b.map(index).to_numpy()
+    out = paired_bootstrap(lambda yy, pred: balanced_accuracy_score(yy, pred), y, pa, pb, n_boot=n_boot)
+    return {**out, "n": int(len(y))}
+
+
+def _fmt_ci(block) -> str:
+    if not block or block.get("ci_low") is None:
+        return ""
+    return f"[{block['ci_low']:.3f}, {block['ci_high']:.3f}]"
+
+
+def execute_notebook(name: str, out_dir: str | Path, parameters: dict | None = None, html: bool = True,
+                     cwd: str | Path | None = None) -> Path:
+    """Run ``notebooks/<name>.ipynb`` with papermill into ``out_dir`` (+ an HTML copy); returns the output path."""
+    import papermill as pm
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = project_root() / "notebooks" / f"{name}.ipynb"
+    out = out_dir / f"{name}.ipynb"
+    start = time.perf_counter()
+    pm.execute_notebook(str(source), str(out), parameters=parameters or {}, cwd=str(cwd or source.parent),
+                        progress_bar=False, kernel_name="python3")
+    seconds = time.perf_counter() - start
+    if html:
+        to_html(out)
+    timings = out_dir / "timings.json"
+    data = json.loads(timings.read_text()) if timings.exists() else {}
+    data[name] = round(seconds, 1)
+    timings.write_text(json.dumps(data, indent=2) + "\n")
+    return out
+
+
+def to_html(notebook: str | Path) -> Path:
+    import nbformat
+    from nbconvert import HTMLExporter
+    nb = nbformat.read(str(notebook), as_version=4)
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    out = Path(notebook).with_suffix(".html")
+    out.write_text(body)
+    return out
+
+
+def zero_shot_table(metrics: dict) -> pd.DataFrame:
+    """Patient-level zero-shot and the MI-Zero top-j baselines: value and CI of every headline metric."""
+    blocks = {"patient embedding": metrics["zero_shot"]["patient"]}
+    blocks.update({f"image top-{j} (MI-Zero)": b for j, b in metrics["zero_shot"].get("image_topj", {}).items()})
+    rows = {}
+    for name, block in blocks.items():
+        for key in ("roc_auc_macro_ovr", "balanced_accuracy", "f1_weighted", "f1_macro", "accuracy"):
+            rows.setdefault(name, {})[key] = block[key]["value"]
+            rows[name][f"{key} 95% CI"] = _fmt_ci(block[key])
+    return pd.DataFrame(rows).T
+
+
+def per_class_auc(metrics: dict) -> pd.DataFrame:
+    zs = metrics["zero_shot"]["patient"]
+    return pd.DataFrame({"roc_auc": zs["roc_auc_per_class"], "support": zs["support"]})
+
+
+def retrieval_table(metrics: dict) -> pd.DataFrame:
+    rows = {}
+    for task, block in metrics["retrieval"].items():
+        row = {f"R@{k}": v["value"] for k, v in block["recall"].items()}
+        row.update({"median_rank": block["median_rank"], "queries": block["n_queries"], "gallery": block["n_items"]})
+        rows[task] = row
+    return pd.DataFrame(rows).T
+
+
+def ablation_figure(table: pd.DataFrame, diffs: pd.DataFrame, out: str | Path | None = None):
+    """Zero-shot AUC and balanced accuracy per arm with 95% CIs, and the paired differences with their CIs."""
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for i, (col, label) in enumerate((("zs_auc", "zero-shot ROC-AUC (macro OvR)"),
+                                      ("zs_bal_acc", "zero-shot balanced accuracy"))):
+        cis = table[f"{col}_ci"].str.strip("[]").str.split(", ", expand=True).astype(float)
+        colors = ["#c44e52" if s else "#4c72b0" for s in table.scale_embed]
+        y = range(len(table))
+        ax[i].errorbar(table[col], y, xerr=[table[col] - cis[0], cis[1] - table[col]], fmt="none", ecolor="gray")
+        ax[i].scatter(table[col], y, c=colors, zorder=3)
+        ax[i].set_yticks(list(y), table.index, fontsize=8)
+        ax[i].set(title=label + "\n(red: scale-aware, blue: scale-blind)", xlabel="test split, 95% bootstrap CI")
+    if len(diffs):
+        d = diffs.reset_index(drop=True)
+        cis = d.difference_ci.str.strip("[]").str.split(", ", expand=True).astype(float)
+        y = range(len(d))
+        ax[2].errorbar(d.difference, y, xerr=[d.difference - cis[0], cis[1] - d.difference], fmt="o")
+        ax[2].axvline(0, color="k", lw=0.8)
+        ax[2].set_yticks(list(y), d.aggregator + " · " + d.metric.str.replace("roc_auc_macro_ovr", "AUC")
+                         .str.replace("balanced_accuracy", "bal. acc."), fontsize=8)
+        ax[2].set(title="paired difference: scale-aware − scale-blind", xlabel="difference, 95% bootstrap CI")
+    fig.tight_layout()
+    if out is not None:
+        fig.savefig(out, dpi=100)
+    return fig
+
+
+def write_ablation_summary(table: pd.DataFrame, diffs: pd.DataFrame, out: str | Path, timings=None) -> None:
+    """``ablation.md`` (markdown tables) and ``metrics.json`` (the same numbers) in ``out``."""
+    out = Path(out)
+    md = ["# Ablation: scale embedding x aggregator (test split)", "", "## Per run", "",
+          table.round(3).to_markdown(), "", "## Paired difference: scale-aware minus scale-blind (same test patients)",
+          "", diffs.round(3).to_markdown(index=False) if len(diffs) else "(no paired arms)", ""]
+    (out / "ablation.md").write_text("\n".join(md))
+    record = {"per_run": json.loads(table.reset_index().to_json(orient="records")),
+              "paired_differences": json.loads(diffs.to_json(orient="records"))}
+    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def run_all(params: str = DEFAULT_PARAMS, notebooks=NOTEBOOKS, summary: bool = True) -> Path:
+    """Execute the numbered notebooks in order with ``params`` into ``reports/<params>/`` (executed .ipynb + .html).
+
+    With ``summary`` the compact committed summary (ablation table, key figures, timings) is refreshed in
+    ``reports/summary/`` when ``params`` is the reference demo.
+    """
+    out = report_dir(params)
+    start = time.perf_counter()
+    for name in notebooks:
+        t0 = time.perf_counter()
+        print(f"[{time.perf_counter() - start:6.0f} s] executing {name} ...", flush=True)
+        execute_notebook(name, out, {"params": params})
+        print(f"[{time.perf_counter() - start:6.0f} s] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    total = time.perf_counter() - start
+    timings = json.loads((out / "timings.json").read_text())
+    timings["total"] = round(total, 1)
+    (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    if summary and load_params(params)["name"] == DEFAULT_PARAMS:
+        _refresh_summary(out)
+    print(f"all notebooks done in {total:.0f} s; reports in {out}")
+    return out
+
+
+def _refresh_summary(out: Path) -> None:
+    """Copy the small, reader-facing results of the reference run into the committed ``reports/summary/``."""
+    import shutil
+    dest = project_root() / "reports" / "summary"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("ablation.md", "ablation.png", "metrics.json", "timings.json", "audit_overview.png",
+                 "features_pca_by_scale.png", "cohort_grid.png"):
+        if (out / name).exists():
+            shutil.copy2(out / name, dest / ("ablation_metrics.json" if name == "metrics.json" else name))
+    for name in ("roc.png", "confusion_matrix.png", "recall_at_k.png", "attention.png", "metrics.json"):
+        if (out / "evaluation" / name).exists():
+            shutil.copy2(out / "evaluation" / name, dest / f"evaluation_{name}")
+
+
+if __name__ == "__main__":
+    import sys
+    run_all(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_PARAMS)

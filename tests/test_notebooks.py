@@ -1,0 +1,79 @@
+"""Notebooks as users run them: papermill from inside notebooks/, and the pipeline on a non-renal cohort."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _papermill(notebook: str, out: Path, *params: str) -> subprocess.CompletedProcess:
+    """``papermill NOTEBOOK OUT -p k v ...`` exactly as typed in a shell, from inside notebooks/."""
+    args = [sys.executable, "-m", "papermill", notebook, str(out), "--no-progress-bar"]
+    for p in params:
+        args += ["-p", *p.split("=", 1)]
+    env = dict(os.environ, EMCLIP_PARAMS="ci")
+    return subprocess.run(args, cwd=REPO / "notebooks", capture_output=True, text=True, timeout=900, env=env)
+
+
+def test_03_train_as_typed_with_string_false(tmp_path, tiny_cohort):
+    run = tmp_path / "run"
+    out = _papermill("03_train.ipynb", tmp_path / "out.ipynb", "scale_embed=false", "epochs=1",
+                     f"data_dir={tiny_cohort}", f"run_dir={run}", "n_boot=50", "batch_size=4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    config = json.loads((run / "config.json").read_text())
+    assert config["scale_embed"] is False and config["epochs"] == 1      # "false" on the command line is False
+    assert json.loads((run / "run_info.json").read_text())["model_config"]["scale"]["enabled"] is False
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    auc = metrics["zero_shot"]["patient"]["roc_auc_macro_ovr"]
+    assert 0 <= auc["value"] <= 1 and auc["ci_low"] <= auc["value"] <= auc["ci_high"]
+    assert metrics["split"] == "test" and metrics["n_patients"] == 3
+    assert (run / "training_curves.png").is_file() and (run / "eval" / "roc.png").is_file()
+
+
+def _user_cohort(root: Path) -> Path:
+    """A non-renal cohort: RGB PNGs and grayscale JPEGs of different sizes, diagnoses the prompts do not know."""
+    rng = np.random.default_rng(0)
+    images, reports = [], []
+    for i in range(24):
+        pid, dx = f"case{i:02d}", ["granular pattern", "striped pattern", "smooth pattern"][i % 3]
+        (root / pid).mkdir(parents=True)
+        for k in range(1 + i % 4):
+            h, w = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+            base = rng.random((h, w))
+            if dx == "striped pattern":
+                base = 0.5 + 0.5 * np.sin(np.arange(w) / 3)[None, :] * np.ones((h, 1))
+            arr = (base * 255).astype(np.uint8)
+            if k % 2:
+                path = f"{pid}/img{k}.png"
+                Image.fromarray(np.stack([arr, arr, arr // 2], -1)).save(root / path)
+            else:
+                path = f"{pid}/img{k}.jpg"
+                Image.fromarray(arr).save(root / path)
+            images.append({"patient_id": pid, "path": path, "nm_per_pixel": float(rng.uniform(2, 100))})
+        reports.append({"patient_id": pid, "report": f"The sample shows a {dx}.", "diagnosis": dx})
+    pd.DataFrame(images).to_csv(root / "images.csv", index=False)
+    pd.DataFrame(reports).to_csv(root / "reports.csv", index=False)
+    return root
+
+
+def test_pipeline_on_a_users_cohort_with_other_diagnoses(tmp_path):
+    cohort = _user_cohort(tmp_path / "cohort")
+    check = subprocess.run([sys.executable, "-m", "emclip.data", "check", str(cohort)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    run = tmp_path / "run"
+    out = _papermill("03_train.ipynb", tmp_path / "out.ipynb", f"data_dir={cohort}", f"run_dir={run}", "epochs=2",
+                     "batch_size=4", "n_boot=50")
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["classes"] == ["granular pattern", "smooth pattern", "striped pattern"]
+    assert metrics["n_patients"] > 0 and metrics["zero_shot"]["patient"]["n"] == metrics["n_patients"]

@@ -117,16 +117,36 @@ def embed_run(run_dir: str | Path, batch_size: int = 32) -> Embeddings:
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", n_boot: int = 1000, topj=(1, 3), out: str | Path | None = None,
-                 figures: bool = True) -> dict:
-    """Full evaluation protocol of a trained run on ``split``: writes ``<run>/eval/metrics.json`` and figures."""
+                 figures: bool = True, reuse: bool = True) -> dict:
+    """Full evaluation protocol of a trained run on ``split``: writes ``<run>/eval/metrics.json`` and figures.
+
+    With ``reuse``, an evaluation already in ``<run>/eval`` that is newer than the run's best checkpoint and used the
+    same split and bootstrap size is returned instead of being recomputed. ``out`` also receives a copy.
+    """
+    import shutil
     run = resolve(run_dir)
-    emb = embed_run(run)
-    emb.save(run / "embeddings.npz")
-    model, cfg = load_run_model(run)
-    cohort = load_cohort(cfg.data_path, check_images="none", seed=cfg.data_seed)
-    with torch.no_grad():
-        return evaluate(emb, model.encode_text, model.logit_scale, out or run / "eval", classes=_prompt_classes(cohort),
-                        split=split, n_boot=n_boot, topj=topj, figures=figures, name=run.name)
+    target = run / "eval"
+    metrics_path = target / "metrics.json"
+    best = run / "checkpoints" / "best" / "model.safetensors"
+    if reuse and metrics_path.exists() and best.exists() and metrics_path.stat().st_mtime > best.stat().st_mtime:
+        metrics = json.loads(metrics_path.read_text())
+        if metrics.get("split") != split or metrics.get("bootstrap", {}).get("n_boot") != n_boot:
+            metrics = None
+    else:
+        metrics = None
+    if metrics is None:
+        emb = embed_run(run)
+        emb.save(run / "embeddings.npz")
+        model, cfg = load_run_model(run)
+        cohort = load_cohort(cfg.data_path, check_images="none", seed=cfg.data_seed)
+        with torch.no_grad():
+            metrics = evaluate(emb, model.encode_text, model.logit_scale, target, classes=_prompt_classes(cohort),
+                               split=split, n_boot=n_boot, topj=topj, figures=figures, name=run.name)
+    if out is not None and Path(out).resolve() != target.resolve():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        for f in target.iterdir():
+            shutil.copy2(f, Path(out) / f.name)
+    return metrics
 
 
 def arm_name(scale_embed: bool, aggregator: str) -> str:

@@ -134,18 +134,11 @@ class _Trainer:
             reports.append(r)
         self.model.train()
         patients, reports = torch.cat(patients), torch.cat(reports)
-        return float(local_loss(self.cfg.loss, patients, reports, self.raw))
-
-
-def local_loss(kind: str, patients: torch.Tensor, reports: torch.Tensor, model) -> torch.Tensor:
-    """The contrastive loss of already-gathered embeddings, computed on this process only."""
-    logits = model.logit_scale.exp() * patients @ reports.T
-    if kind == "siglip":
-        logits = logits + model.logit_bias
-        labels = 2 * torch.eye(len(logits), device=logits.device) - 1
-        return -torch.nn.functional.logsigmoid(labels * logits).sum() / len(logits)
-    target = torch.arange(len(logits), device=logits.device)
-    return (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+        # world_size=1: the embeddings are already gathered, so no process may gather them again
+        scale = self.raw.logit_scale.exp()
+        if self.cfg.loss == "siglip":
+            return float(SigLipLoss(world_size=1)(patients, reports, scale, self.raw.logit_bias))
+        return float(ClipLoss(world_size=1)(patients, reports, scale))
 
 
 class _null:

@@ -23,6 +23,7 @@ from .train.cache import build_feature_cache
 from .train.checkpoint import latest_checkpoint, load_model_weights
 from .train.config import TrainConfig, load_config, params_file
 from .train.loop import build_run_model
+from .train.text_cache import CachedTextModel, TextFeatures
 
 NOTEBOOKS = ("01_data_audit", "02_features", "03_train", "04_ablations", "05_evaluation")
 DEFAULT_PARAMS = "demo"
@@ -112,6 +113,8 @@ def embed_run(run_dir: str | Path, batch_size: int = 32) -> Embeddings:
         ds = BagDataset(cohort, None, transform=ImageTransform.from_preprocess(model.preprocess))
     loader = DataLoader(ds, batch_size=batch_size, collate_fn=collate_bags)
     splits = dict(zip(cohort.reports.patient_id, cohort.reports.split))
+    if cfg.lock_text:   # the frozen text transformer's report features are cached like the image features
+        model = CachedTextModel(model, TextFeatures.build(model, cohort, cfg.eval_batch_size, cfg.cache_path))
     emb = embed_cohort(model, loader, split=splits, meta={"run_dir": str(resolve(run_dir)), **cfg.to_dict()})
     return emb
 
@@ -289,7 +292,7 @@ def ablation_figure(table: pd.DataFrame, diffs: pd.DataFrame, out: str | Path | 
         ax[2].axvline(0, color="k", lw=0.8)
         ax[2].set_yticks(list(y), d.aggregator + " · " + d.metric.str.replace("roc_auc_macro_ovr", "AUC")
                          .str.replace("balanced_accuracy", "bal. acc."), fontsize=8)
-        ax[2].set(title="paired difference: scale-aware − scale-blind", xlabel="difference, 95% bootstrap CI")
+        ax[2].set(title="paired difference\nscale-aware − scale-blind (same patients)", xlabel="difference, 95% bootstrap CI")
     fig.tight_layout()
     if out is not None:
         fig.savefig(out, dpi=100)

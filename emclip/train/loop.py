@@ -176,7 +176,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if is_main:
         write_run_info(run, cfg, model, cohort)
     train_ds, val_ds = _datasets(cfg, cohort, model, accelerator, say)
-    text = TextFeatures.build(model, cohort, cfg.eval_batch_size) if cfg.lock_text else None
+    text = TextFeatures.build(model, cohort, cfg.eval_batch_size, cfg.cache_path) if cfg.lock_text else None
     global_batch = cfg.batch_size * accelerator.num_processes
     if len(train_ds) < global_batch * cfg.accum_freq:
         raise ValueError(f"the train split has {len(train_ds)} patients, fewer than one step needs "

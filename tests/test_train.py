@@ -166,3 +166,27 @@ def test_two_processes_end_to_end_match_one_process(tiny_cohort, shared_cache, t
             if x and y:
                 assert float(x) == pytest.approx(float(y), rel=1e-4, abs=1e-6)
     shutil.rmtree(two, ignore_errors=True)
+
+
+def test_checkpoint_stores_only_trainable_weights_and_checks_frozen_ones(tmp_path):
+    import torch
+    from emclip.train.checkpoint import load_model_weights, save_checkpoint
+    torch.manual_seed(0)
+    model = build_model("tiny", lock_image=True, lock_text=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    path = save_checkpoint(tmp_path, model, opt, sched, {"step": 1, "epoch": 0, "batch_in_epoch": 1})
+    saved = load_file(str(path / "model.safetensors"))
+    assert not any(k.startswith("trunk.") for k in saved) and "logit_scale" in saved
+    assert any(k.startswith("image_proj.") for k in saved)
+    torch.manual_seed(0)
+    same = build_model("tiny", lock_image=True, lock_text=True)
+    with torch.no_grad():
+        model.image_proj.proj.weight.add_(1.0)                 # what training changes ...
+    path = save_checkpoint(tmp_path, model, opt, sched, {"step": 2, "epoch": 0, "batch_in_epoch": 2})
+    load_model_weights(same, path)                             # ... is restored into a freshly built model
+    assert torch.equal(same.image_proj.proj.weight, model.image_proj.proj.weight)
+    with torch.no_grad():
+        next(same.trunk.parameters()).add_(1.0)                # other frozen weights than the run had
+    with pytest.raises(RuntimeError, match="frozen weights differ"):
+        load_model_weights(same, path)

@@ -2,7 +2,9 @@
 
 A checkpoint is a folder ``step_000123/`` holding
 
-* ``model.safetensors``  — the model's state dict;
+* ``model.safetensors``  — the model's state dict without its frozen parts (a frozen pretrained trunk and text
+  transformer are ~100 MB that never change: they are rebuilt from the model config, and ``meta.json`` keeps a
+  digest of them so that loading against different frozen weights fails loudly);
 * ``state.pt``           — optimizer, scheduler, RNG states and counters, loaded with ``torch.load(weights_only=True)``;
 * ``meta.json``          — step, epoch, batch-in-epoch, metrics, the resolved configuration.
 
@@ -55,6 +57,27 @@ def set_rng_state(state: dict) -> None:
     random.setstate(ast.literal_eval(state["python"]))   # stored as text: weights_only loading accepts it
 
 
+def _frozen_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict keys that training never changes: parameters without gradient, and every key (buffers too) of a
+    module whose parameters are all frozen (e.g. batch-norm statistics of a frozen trunk)."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    for mod_name, module in model.named_modules():
+        params = list(module.parameters())
+        if mod_name and params and not any(p.requires_grad for p in params):
+            frozen.update(f"{mod_name}.{k}" for k in module.state_dict())
+    return frozen
+
+
+def frozen_digest(model: torch.nn.Module) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    state = model.state_dict()
+    for key in sorted(_frozen_keys(model)):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def save_checkpoint(ckpt_root: Path, model: torch.nn.Module, optimizer, scheduler, meta: dict,
                     keep: int = 2, protect: tuple[str, ...] = ("best",)) -> Path:
     """Write ``ckpt_root/step_XXXXXX`` atomically and point ``latest`` at it; prune older step folders."""
@@ -63,8 +86,10 @@ def save_checkpoint(ckpt_root: Path, model: torch.nn.Module, optimizer, schedule
     name = f"step_{int(meta['step']):06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_root))
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        frozen = _frozen_keys(model)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in frozen}
         save_file(state, str(tmp / "model.safetensors"))
+        meta = dict(meta, frozen_digest=frozen_digest(model), frozen_keys=len(frozen))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                    tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -118,9 +143,20 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return path if (path / "meta.json").is_file() else None
 
 
-def load_model_weights(model: torch.nn.Module, ckpt: Path, strict: bool = True) -> None:
-    state = load_file(str(Path(ckpt) / "model.safetensors"))
-    model.load_state_dict(state, strict=strict)
+def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """Load a checkpoint into a model built from the same config; its frozen parts must match the saved digest."""
+    ckpt = Path(ckpt)
+    state = load_file(str(ckpt / "model.safetensors"))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    stray = sorted(set(missing) - _frozen_keys(model))
+    if unexpected or stray:
+        raise RuntimeError(f"{ckpt}: checkpoint does not fit the model: unexpected keys {unexpected[:5]}, "
+                           f"missing trainable keys {stray[:5]}")
+    if meta.get("frozen_digest") not in (None, frozen_digest(model)):
+        raise RuntimeError(f"{ckpt}: the model's frozen weights differ from those the run trained with "
+                           f"(digest {frozen_digest(model)} vs {meta['frozen_digest']}); build the model from the "
+                           f"run's config.json with the same weight packages")
 
 
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer=None, scheduler=None) -> dict:

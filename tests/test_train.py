@@ -190,3 +190,15 @@ def test_checkpoint_stores_only_trainable_weights_and_checks_frozen_ones(tmp_pat
         next(same.trunk.parameters()).add_(1.0)                # other frozen weights than the run had
     with pytest.raises(RuntimeError, match="frozen weights differ"):
         load_model_weights(same, path)
+
+
+@pytest.mark.distributed
+def test_notebook_launcher_two_processes(tiny_cohort, shared_cache, tmp_path):
+    """The path 03_train takes with num_processes=2: accelerate.notebook_launcher forks 2 CPU processes."""
+    script = (f"from accelerate import notebook_launcher\nfrom emclip.train import load_config, train\n"
+              f"cfg = load_config('ci', {_overrides(tiny_cohort, tmp_path / 'run', shared_cache, batch_size=2, epochs=1)!r})\n"
+              f"notebook_launcher(train, args=(cfg,), num_processes=2)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = __import__("json").loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 3

@@ -6,15 +6,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.emclip-installed
 DATA ?= data/demo_cohort
+# spin-waiting OpenMP threads are up to 12x slower on a busy 2-core machine (benchmarks/bench_threads.py)
+export OMP_WAIT_POLICY ?= PASSIVE
 PATIENTS ?= 500
 
-.PHONY: help install test test-fast demo cohort figures lab clean
+.PHONY: help install test test-fast demo cohort figures lab bench bench-smoke clean
 
 help:
 	@echo "make demo     install, generate the embedded cohort and run notebooks 01-05 into reports/demo/"
 	@echo "make test     install and run the test suite (pytest + notebook validation)"
 	@echo "make cohort   only generate the embedded cohort into $(DATA)"
 	@echo "make lab      start JupyterLab with the project's kernel"
+	@echo "make bench    run every benchmark (~5 min on 2 cores) -> reports/benchmarks/benchmarks.{md,json}"
 
 # torch is pinned and installed first: an unpinned resolve would fetch a multi-GB build.
 $(STAMP): pyproject.toml
@@ -50,6 +53,12 @@ demo: install
 lab: install
 	$(PY) -m ipykernel install --user --name emclip --display-name "Python (emclip)"
 	cd notebooks && ../$(VENV)/bin/jupyter lab
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+bench-smoke: install
+	$(PY) benchmarks/run_all.py --smoke --out reports/benchmarks/smoke
 
 clean:
 	rm -rf $(DATA) reports/*/ .pytest_cache

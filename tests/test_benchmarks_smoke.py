@@ -1,0 +1,69 @@
+"""The benchmark scripts run end to end (tiny model, toy sizes) and their "equal results" checks hold."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / 'benchmarks'
+
+
+def _import_bench(name: str):
+    """Import benchmarks/<name>.py without leaking benchutil's environment defaults into the test session."""
+    saved = dict(os.environ)
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        return importlib.import_module(name)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        sys.path.remove(str(BENCH_DIR))
+
+
+@pytest.mark.parametrize('aggregator', ['mean', 'gated_attention', 'transformer'])
+@pytest.mark.parametrize('encoding', ['sincos', 'binned'])
+def test_packed_encoding_equals_encode_bags(aggregator, encoding):
+    bench = _import_bench('bench_batching')
+    from emclip.model import build_model
+    torch.manual_seed(0)
+    model = build_model('tiny', aggregator=aggregator, scale_encoding=encoding)
+    with torch.no_grad():  # non-zero scale weights, so that the folded scale term is really exercised
+        for p in model.scale_embed.parameters():
+            p.normal_()
+    sizes = torch.tensor([3, 1, 5, 2])
+    mask = torch.arange(5)[None] < sizes[:, None]
+    feats = torch.randn(4, 5, model.num_features)
+    feats[~mask] = float('nan')  # padding may hold anything
+    scales = torch.exp(torch.empty(4, 5).uniform_(0.7, 4.6))
+    expected = model.encode_bags(scales, mask, features=feats).patient
+    got = bench.encode_packed(model, scales, mask, feats)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_run_all_smoke(tmp_path):
+    out = tmp_path / 'bench'
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / 'run_all.py'), '--smoke', '--out', str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / 'benchmarks.json').read_text())
+    names = [r['name'] for r in report['results']]
+    assert names == ['batching', 'cache', 'overhead', 'loader', 'retrieval', 'distributed']
+    assert all('error' not in r and r['ratios'] for r in report['results'])
+    assert report['machine']['cores'] >= 1 and report['machine']['torch'] == torch.__version__
+    batching = report['results'][0]
+    cols = batching['table']['columns']
+    for row in batching['table']['rows']:  # every arm: same loss and gradient as one bag at a time
+        assert row[cols.index('|Δ eval loss|')] < 1e-5
+        assert row[cols.index('max rel. |Δ grad|')] < 1e-4
+        assert row[cols.index('max |Δ train loss|')] < 1e-4
+    cache = report['results'][1]
+    assert cache['extra']['cache_max_abs_diff'] == 0.0
+    md = (out / 'benchmarks.md').read_text()
+    assert '## Every ratio measured' in md and '1. Batched bags' in md

@@ -102,10 +102,14 @@ def load_run_model(run_dir: str | Path, checkpoint: str = "best"):
     return model.eval(), cfg
 
 
-def embed_run(run_dir: str | Path, batch_size: int = 32) -> Embeddings:
-    """Embed every patient of the run's cohort with its best model (cached trunk features in cache mode)."""
-    model, cfg = load_run_model(run_dir)
-    cohort = load_cohort(cfg.data_path, check_images="exists", seed=cfg.data_seed)
+def embed_run(run_dir: str | Path, batch_size: int = 32, model=None, cfg: TrainConfig | None = None,
+              cohort=None) -> Embeddings:
+    """Embed every patient of the run's cohort with its best model (cached trunk features in cache mode).
+
+    ``model``, ``cfg`` and ``cohort`` may be passed when the caller already loaded them."""
+    if model is None or cfg is None:
+        model, cfg = load_run_model(run_dir)
+    cohort = cohort if cohort is not None else load_cohort(cfg.data_path, check_images="exists", seed=cfg.data_seed)
     if cfg.mode == "cache":
         cache = build_feature_cache(model, cohort, cfg.cache_path)
         ds = BagDataset(cohort, None, features=cache.features, feature_zoom=cache.zoom)
@@ -138,10 +142,10 @@ def evaluate_run(run_dir: str | Path, split: str = "test", n_boot: int = 1000, t
     else:
         metrics = None
     if metrics is None:
-        emb = embed_run(run)
-        emb.save(run / "embeddings.npz")
         model, cfg = load_run_model(run)
-        cohort = load_cohort(cfg.data_path, check_images="none", seed=cfg.data_seed)
+        cohort = load_cohort(cfg.data_path, check_images="exists", seed=cfg.data_seed)
+        emb = embed_run(run, model=model, cfg=cfg, cohort=cohort)   # one model build, one cohort load
+        emb.save(run / "embeddings.npz")
         with torch.no_grad():
             metrics = evaluate(emb, model.encode_text, model.logit_scale, target, classes=_prompt_classes(cohort),
                                split=split, n_boot=n_boot, topj=topj, figures=figures, name=run.name)

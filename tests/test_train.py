@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import hashlib
 import os
 import shutil
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from safetensors.numpy import load_file
 
@@ -138,7 +140,7 @@ def test_feature_cache_reused_and_damage_detected(tiny_cohort, tmp_path):
     assert check_cache(cache.path, cache.meta["key"], len(cohort.images))[1] == "features.npy is missing or truncated"
     # stale: another trunk (different weights) gets another key, never this cache
     other = build_model("tiny", lock_image=True)
-    with __import__("torch").no_grad():
+    with torch.no_grad():
         next(other.trunk.parameters()).add_(1.0)
     assert other.trunk_id != model.trunk_id
     fresh = build_feature_cache(other, cohort, tmp_path, log=logs.append)
@@ -157,7 +159,7 @@ def test_two_processes_end_to_end_match_one_process(tiny_cohort, shared_cache, t
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "emclip.train", "ci", *args], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    summary = __import__("json").loads((two / "train_summary.json").read_text())
+    summary = json.loads((two / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 6
     rows_one, rows_two = _log_rows(one)[1:], _log_rows(two)[1:]
     assert len(rows_one) == len(rows_two)
@@ -200,5 +202,5 @@ def test_notebook_launcher_two_processes(tiny_cohort, shared_cache, tmp_path):
               f"notebook_launcher(train, args=(cfg,), num_processes=2)\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    summary = __import__("json").loads((tmp_path / "run" / "train_summary.json").read_text())
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 3

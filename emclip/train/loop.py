@@ -6,7 +6,9 @@ validation split at once, so that it is comparable between runs whatever the bat
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import math
 import time
 from pathlib import Path
@@ -109,7 +111,7 @@ class _Trainer:
             cached = [self.forward(mb) for mb in micro_batches]
         for j, mb in enumerate(micro_batches):
             sync = j == len(micro_batches) - 1
-            ctx = self.acc.no_sync(self.model) if not sync else _null()
+            ctx = self.acc.no_sync(self.model) if not sync else contextlib.nullcontext()
             with ctx:
                 patient_j, report_j = self.forward(mb)
                 patients = torch.cat([patient_j if i == j else c[0] for i, c in enumerate(cached)])
@@ -139,14 +141,6 @@ class _Trainer:
         if self.cfg.loss == "siglip":
             return float(SigLipLoss(world_size=1)(patients, reports, scale, self.raw.logit_bias))
         return float(ClipLoss(world_size=1)(patients, reports, scale))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _datasets(cfg: TrainConfig, cohort, model, accelerator, log):
@@ -278,7 +272,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     summary = {"run_dir": str(run), "steps": step, "best_val_loss": best, "seconds": round(time.perf_counter() - start, 2),
                "processes": accelerator.num_processes}
     if is_main:
-        write_text_atomic(run / "train_summary.json", __import__("json").dumps(summary, indent=2) + "\n")
+        write_text_atomic(run / "train_summary.json", json.dumps(summary, indent=2) + "\n")
         writer.close()
     accelerator.end_training()
     return summary

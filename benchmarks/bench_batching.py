@@ -74,11 +74,20 @@ def _linear_of(module):
     return layers[0] if len(layers) == 1 and isinstance(layers[0], torch.nn.Linear) else None
 
 
+def _additive_embed(model):
+    """The scale embedding of the additive mode (the prototype folds it into the projection), else None."""
+    if model.scale.mode != 'add' or model.scale_embed is None:
+        if model.scale.mode != 'add':
+            raise ValueError(f'the packed prototype covers scale mode "add" only, not {model.scale.mode!r}')
+        return None
+    return model.scale_embed['feature']
+
+
 def encode_packed(model, scales, mask, features):
     """Patient embeddings as ``encode_bags(scales, mask, features=...)`` computes them, without work on padding."""
     idx = mask.nonzero(as_tuple=True)
     x = features[idx]  # [N, F] real instances only
-    lin, se, agg = _linear_of(model.image_proj), model.scale_embed, model.aggregator
+    lin, se, agg = _linear_of(model.image_proj), _additive_embed(model), model.aggregator
     if lin is not None and se is not None and se.proj is not None:
         enc = se.encoding(se.norm(scales[idx])).to(x.dtype)  # [N, 64]
         bias = lin.weight @ se.proj.bias + (lin.bias if lin.bias is not None else 0)
@@ -193,7 +202,7 @@ def profile_step(base, bags, arm, top=10) -> str:
 def flops_per_instance(model) -> dict:
     """Multiply-add FLOPs per real instance of the per-instance layers, forward + backward, as shipped and packed."""
     f, e = model.num_features, model.embed_dim
-    se = model.scale_embed
+    se = _additive_embed(model)
     d = se.encoding.out_dim if se is not None and se.proj is not None else 0
     shipped = 2 * (d * f) * 2 + 2 * (f * e) * 3  # scale proj: fwd + dW; image proj: fwd + dW + dX (for the scale grad)
     packed = 2 * (f * e) * 2 + 2 * (d * e) * 2  # image proj: fwd + dW; folded scale term: fwd + dW (tiny)

@@ -71,7 +71,7 @@ def main():
     model = build_model(args.config).train()
     image_size = args.image_size or model.preprocess['image_size']
     print(f'model {args.config}: trunk {model.trunk_id}, F={model.num_features}, E={model.embed_dim}, '
-          f'aggregator {type(model.aggregator).__name__}, scale {model.scale_embed.encoding_name}')
+          f'aggregator {type(model.aggregator).__name__}, scale mode {model.scale.mode}')
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} patients x '
           f'{args.bag_size} images at {image_size} px, report {len(model.tokenize(REPORT)[0].nonzero())} tokens')
     print('\nparameters')

@@ -224,7 +224,7 @@ def test_config_from_json_path_and_dict(tmp_path):
     path.write_text(json.dumps(cfg))
     for spec in (str(path), cfg):
         model = _tiny(model=spec, aggregator='transformer', scale_encoding='binned')
-        assert model.embed_dim == 24 and model.scale_embed.encoding_name == 'binned'
+        assert model.embed_dim == 24 and model.scale_embed['feature'].encoding_name == 'binned'
         assert type(model.aggregator).__name__ == 'TransformerPool'
         assert model(_batch())['patient'].shape == (3, 24)
 

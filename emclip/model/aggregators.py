@@ -49,9 +49,15 @@ class GatedAttentionPool(nn.Module):
         self.attn_w = nn.Linear(hidden_dim, 1)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, context: torch.Tensor = None):
+        """``context`` [B, K, 2·hidden], optional, is added to the two hidden pre-activations (V x, U x): how the
+        scale conditions the scorer."""
         check_bags(mask)
-        gated = torch.tanh(self.attn_v(x)) * torch.sigmoid(self.attn_u(x))
+        v, u = self.attn_v(x), self.attn_u(x)
+        if context is not None:
+            cv, cu = context.to(x.dtype).chunk(2, dim=-1)
+            v, u = v + cv, u + cu
+        gated = torch.tanh(v) * torch.sigmoid(u)
         weights = masked_softmax(self.attn_w(self.drop(gated)).squeeze(-1), mask)
         return torch.einsum('bk,bkd->bd', weights, x), weights
 

@@ -1,12 +1,15 @@
 """The emclip model: a bag of EM images at known physical scales, and one report, in one joint space.
 
-    image x_k --trunk--> h_k [F] --(+ scale_embed(nm/px_k))--> --image_proj--> z_k [E] --aggregator--> bag [E]
+    image x_k --trunk--> h_k [F] --scale conditioning (nm/px_k)--> --image_proj--> z_k [E] --aggregator--> bag [E]
     report    --text tower (open_clip)--> r [E]
+
+``config["scale"]["mode"]`` says where the scale enters (``add``, ``film``, ``mlp``, or ``trunk`` inside a ViT; see
+``scale.ScaleConditioning``), ``config["scale"]["attention"]`` whether it also reaches the gated-attention scorer.
 
 Both levels live in the report space: ``instances`` = normalise(z_k) for image-level retrieval and zero-shot,
 ``patient`` = normalise(pooled z) for the patient-level contrastive loss. ``scale_embed=False`` is the scale-blind
-baseline with everything else identical; with the scale embedding freshly initialised (zero), both arms compute
-the same function from the same seed.
+baseline with everything else identical, including the extra layers of the chosen mode; with the scale embedding
+freshly initialised (zero), both arms compute the same function from the same seed.
 """
 import copy
 import math
@@ -18,7 +21,7 @@ from torch import nn
 
 from ..loss import LOSS_INIT
 from .aggregators import check_bags, create_aggregator
-from .scale import create_scale_embed
+from .scale import ScaleConditioning
 from .towers import build_towers, load_model_config
 from .weights import load_checkpoint, state_digest
 
@@ -54,11 +57,16 @@ class EMClip(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(float(init_bias))) if init_bias is not None else None
 
         scale_cfg = self.config.get('scale', {})
-        # Built last and on a forked RNG, so that creating it (Fourier features draw random numbers) leaves every
-        # other initialisation unchanged: a scale-aware and a scale-blind model from one seed differ only here.
+        agg_cfg = self.config.get('aggregator', {})
+        attention_dim = 0
+        if agg_cfg.get('name', 'mean') == 'gated_attention':
+            attention_dim = agg_cfg.get('gated_attention', {}).get('hidden_dim', 128)
+        # Built last and on a forked RNG, so that creating it leaves every other initialisation unchanged: a
+        # scale-aware and a scale-blind model from one seed differ only in the scale embedding.
         with torch.random.fork_rng(devices=[]):
-            enabled = scale_cfg.get('enabled', True)
-            self.scale_embed = create_scale_embed(self.num_features, scale_cfg) if enabled else None
+            self.scale = ScaleConditioning(self.num_features, scale_cfg, aware=scale_cfg.get('enabled', True),
+                                           attention_dim=attention_dim)
+            self.scale.attach_trunk(self.trunk, scale_cfg)
 
         # NHWC runs depthwise/pointwise convolutions markedly faster on CPU (oneDNN) and with AMP on GPU
         self.channels_last = bool(self.config.get('channels_last', False))
@@ -88,15 +96,31 @@ class EMClip(nn.Module):
         return f'{self._trunk_name}|{state_digest(self.trunk)}'
 
     @property
+    def scale_embed(self) -> Optional[nn.Module]:
+        """The scale-input layers (zero at initialisation), None in the scale-blind arm."""
+        return self.scale.embedding
+
+    @property
     def device(self) -> torch.device:
         return self.logit_scale.device
 
-    def encode_trunk(self, images: torch.Tensor) -> torch.Tensor:
-        """Trunk features [N, F] of preprocessed images [N, C, H, W], before scale embedding and projection."""
+    @property
+    def scale_in_trunk(self) -> bool:
+        """True when the trunk itself reads the scale (its features then cannot be cached scale-free)."""
+        return self.scale.mode == 'trunk' and self.scale.aware
+
+    def encode_trunk(self, images: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Trunk features [N, F] of preprocessed images [N, C, H, W] (and their nm/px [N] when the scale enters the
+        trunk), before scale conditioning and projection."""
         if images.dim() != 4:
             raise ValueError(f'encode_trunk expects [N, C, H, W] images, got shape {tuple(images.shape)}')
         images = images.to(self.device, memory_format=torch.channels_last if self.channels_last else None)
-        return self.trunk(images)
+        if not self.scale_in_trunk:
+            return self.trunk(images)
+        if scales is None or scales.shape != images.shape[:1]:
+            raise ValueError('this model reads the scale inside its trunk: encode_trunk needs scales [N] too')
+        with self.scale.trunk_scales(scales.to(self.device)):
+            return self.trunk(images)
 
     def encode_bags(
             self,
@@ -112,19 +136,21 @@ class EMClip(nn.Module):
             if images is None:
                 raise ValueError('encode_bags needs images [B, K, C, H, W] or features [B, K, F]')
             # only real images go through the trunk: saves compute and keeps padding out of BatchNorm statistics
-            feats = self.encode_trunk(images[mask.to(images.device)])
+            feats = self.encode_trunk(images[mask.to(images.device)], scales[mask])
             h = feats.new_zeros(*mask.shape, feats.shape[-1])
             h[mask] = feats
         else:
+            if self.scale_in_trunk:
+                raise ValueError('scale.mode "trunk" reads the scale inside the trunk: it needs images, not cached '
+                                 'features (train it with mode=e2e)')
             if features.shape[:2] != mask.shape or features.shape[-1] != self.num_features:
                 raise ValueError(f'features {tuple(features.shape)} do not match mask {tuple(mask.shape)} '
                                  f'and trunk width {self.num_features}')
             # padding may hold anything in a cache; zero it so it cannot leak (0 * NaN is NaN)
             h = features.to(self.device).masked_fill(~mask[..., None], 0)
-        if self.scale_embed is not None:
-            h = h + self.scale_embed(scales).to(h.dtype)
-        z = self.image_proj(h)
-        pooled, attention = self.aggregator(z, mask)
+        z = self.image_proj(self.scale(h, scales))
+        context = self.scale.attention_context(scales)
+        pooled, attention = self.aggregator(z, mask) if context is None else self.aggregator(z, mask, context)
         instances = F.normalize(z, dim=-1).masked_fill(~mask[..., None], 0)
         return BagEmbeddings(F.normalize(pooled, dim=-1), instances, attention)
 
@@ -170,7 +196,8 @@ class EMClip(nn.Module):
         return out
 
     def parameter_counts(self) -> Dict[str, int]:
-        """Parameters per part: trunk, scale embedding, aggregator, projections (image + text), text tower."""
+        """Parameters per part: trunk, scale embedding (the scale input only), scale layers (the mode's layers both
+        arms have), aggregator, projections (image + text), text tower."""
         def count(module):
             return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
@@ -178,10 +205,11 @@ class EMClip(nn.Module):
         counts = dict(
             trunk=count(self.trunk),
             scale_embed=count(self.scale_embed),
+            scale_layers=count(self.scale.layers),
             aggregator=count(self.aggregator),
             projections=count(self.image_proj) + text_proj,
             text_tower=count(self.text) - text_proj,
-            temperature=count(self) - count(self.trunk) - count(self.scale_embed) - count(self.aggregator)
+            temperature=count(self) - count(self.trunk) - count(self.scale) - count(self.aggregator)
             - count(self.image_proj) - count(self.text),
         )
         counts['total'] = count(self)
@@ -202,12 +230,14 @@ def build_model(
         model: Union[str, dict] = 'efficientnet_lite0_minilm',
         scale_embed: Optional[bool] = None,
         scale_encoding: Optional[str] = None,
+        scale_mode: Optional[str] = None,
+        scale_attention: Optional[bool] = None,
         aggregator: Union[str, dict, None] = None,
         **overrides,
 ) -> EMClip:
     """Build an EMClip from a packaged config name, a JSON path, a dict, or an open_clip model name.
 
-    ``scale_embed`` / ``scale_encoding`` / ``aggregator`` override the config's choices (None keeps them); other
+    ``scale_embed`` / ``scale_encoding`` / ``scale_mode`` / ``scale_attention`` / ``aggregator`` override the config's choices (None keeps them); other
     keyword overrides are merged into the config, e.g. ``embed_dim=128``, ``lock_image=False``,
     ``load_pretrained=False`` (architecture only), ``pretrained="laion2b_s34b_b79k"`` (open_clip tag or file),
     ``checkpoint="run/model.pt"`` (a saved emclip state dict, loaded strictly), ``loss="siglip"`` (temperature
@@ -225,6 +255,10 @@ def build_model(
         cfg.setdefault('scale', {})['enabled'] = bool(scale_embed)
     if scale_encoding is not None:
         cfg.setdefault('scale', {})['encoding'] = scale_encoding
+    if scale_mode is not None:
+        cfg.setdefault('scale', {})['mode'] = scale_mode
+    if scale_attention is not None:
+        cfg.setdefault('scale', {})['attention'] = bool(scale_attention)
     if isinstance(aggregator, str):
         cfg.setdefault('aggregator', {})['name'] = aggregator
     elif isinstance(aggregator, dict):

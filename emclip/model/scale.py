@@ -1,4 +1,7 @@
-"""Scale embedding: the physical pixel size of an image, as a vector added to its image feature.
+"""Scale embedding and scale conditioning: how the physical pixel size of an image changes how it is read.
+
+``ScaleEmbed`` turns nm/px into a vector; ``ScaleConditioning`` decides where that vector enters the image side
+(added, FiLM, a residual MLP, inside a ViT trunk, the attention scorer) and builds the matching scale-blind arm.
 
 The input is s = log(nm/px). It is first squashed affinely to u in [-1, 1] over the cohort's range (2-100 nm/px by
 default; values outside still work, they just land outside [-1, 1]), then encoded by one of:
@@ -11,8 +14,9 @@ default; values outside still work, they just land outside [-1, 1]), then encode
 The encoding goes through a linear layer initialised at zero (the table is zero too), so a freshly built
 scale-aware model computes exactly what the scale-blind baseline computes; the difference can only be learnt.
 """
+import contextlib
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -105,7 +109,138 @@ class ScaleEmbed(nn.Module):
 
 
 def create_scale_embed(feature_dim: int, cfg: dict, encoding: str = None) -> ScaleEmbed:
-    """Build from a config section: ``{"encoding": ..., "range_nm": [...], "<encoding>": {its kwargs}}``."""
+    """Build from a config section: ``{"encoding": ..., "range_nm": [...], "<encoding>": {its kwargs}}``; the
+    embedding has ``feature_dim`` outputs."""
     encoding = encoding or cfg.get('encoding', 'sincos')
     return ScaleEmbed(feature_dim, encoding=encoding, range_nm=cfg.get('range_nm', (2.0, 100.0)),
                       **cfg.get(encoding, {}))
+
+
+SCALE_MODES = ('add', 'film', 'mlp', 'trunk')
+
+
+class ScaleConditioning(nn.Module):
+    """Where and how the physical scale enters the image side; the scale-blind arm is the same module, scale-free.
+
+    Modes (``h`` is the trunk feature [..., F], ``e(s)`` a zero-initialised ``ScaleEmbed``):
+
+    * ``add``:   h + e(s). Followed by a linear projection and mean pooling this cannot change how an image is read
+      (the patient vector is W·mean(h) + W·mean(e(s))); kept as the first release's mode, for comparison.
+    * ``film``:  (1 + g + γ(s)) ⊙ h + b + β(s), feature-wise linear modulation. ``g``, ``b`` are learnt constants
+      (the blind arm keeps them), γ, β come from the scale and start at zero: identity at initialisation.
+    * ``mlp``:   x = h + e(s), then x + MLP(x) per image, the MLP's last layer zero-initialised. Blind: h + MLP(h).
+    * ``trunk``: e(s) added to every token of a ViT trunk after its positional embedding (Scale-MAE's place for its
+      resolution-aware encoding), end-to-end mode only; the feature itself passes unchanged.
+
+    ``attention=True`` also feeds e(s) into the gated-attention scorer (its hidden pre-activations), so the weight of
+    an image can depend on its magnification. Every scale-dependent layer lives in ``embeds`` (zero at
+    initialisation), every other layer in ``layers``: the blind arm has exactly ``layers``, so an ablation compares
+    the scale input, not capacity, and a fresh aware model computes what the blind one computes.
+    """
+
+    def __init__(self, feature_dim: int, cfg: Optional[dict] = None, aware: bool = True, attention_dim: int = 0):
+        super().__init__()
+        cfg = dict(cfg or {})
+        self.mode = cfg.get('mode', 'add')
+        if self.mode not in SCALE_MODES:
+            raise ValueError(f'Unknown scale mode {self.mode!r}; choose one of {SCALE_MODES}')
+        self.aware, self.feature_dim = bool(aware), feature_dim
+        self.attention = bool(cfg.get('attention', False))
+        self.layers = nn.ModuleDict()
+        if self.mode == 'film':
+            self.layers['gain'] = _ZeroVector(feature_dim)
+            self.layers['bias'] = _ZeroVector(feature_dim)
+        elif self.mode == 'mlp':
+            hidden = int(cfg.get('mlp', {}).get('hidden_dim', 512))
+            last = nn.Linear(hidden, feature_dim)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+            self.layers['mlp'] = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, hidden), nn.GELU(),
+                                               last)
+        # scale embeddings on a forked RNG: building them leaves every shared layer's initialisation unchanged
+        self.embeds = nn.ModuleDict()
+        self._trunk_scales = None
+        with torch.random.fork_rng(devices=[]):
+            if self.aware and self.mode in ('add', 'mlp'):
+                self.embeds['feature'] = create_scale_embed(feature_dim, cfg)
+            elif self.aware and self.mode == 'film':
+                self.embeds['feature'] = create_scale_embed(2 * feature_dim, cfg)
+            if self.aware and self.attention:
+                if attention_dim < 1:
+                    raise ValueError('scale.attention needs the gated_attention aggregator (it conditions its scorer)')
+                self.embeds['attention'] = create_scale_embed(2 * attention_dim, cfg)
+
+    @property
+    def embedding(self) -> Optional[nn.Module]:
+        """The scale-input part (None for the blind arm): what ``parameter_counts`` calls ``scale_embed``."""
+        return self.embeds if len(self.embeds) else None
+
+    def forward(self, h: torch.Tensor, nm_per_px: torch.Tensor) -> torch.Tensor:
+        """Condition trunk features h [B, K, F] on their images' nm/px [B, K]."""
+        feature = self.embeds['feature'] if 'feature' in self.embeds else None
+        if self.mode == 'add':
+            return h + feature(nm_per_px).to(h.dtype) if feature is not None else h
+        if self.mode == 'film':
+            gain, bias = self.layers['gain'](), self.layers['bias']()
+            if feature is not None:
+                gamma, beta = feature(nm_per_px).to(h.dtype).chunk(2, dim=-1)
+                gain, bias = gain + gamma, bias + beta
+            return (1 + gain) * h + bias
+        if self.mode == 'mlp':
+            x = h + feature(nm_per_px).to(h.dtype) if feature is not None else h
+            return x + self.layers['mlp'](x)
+        return h  # trunk mode: the scale already entered inside the trunk
+
+    def attention_context(self, nm_per_px: torch.Tensor) -> Optional[torch.Tensor]:
+        """Additive terms [B, K, 2H] for the gated-attention scorer's two hidden pre-activations, or None."""
+        if 'attention' not in self.embeds:
+            return None
+        return self.embeds['attention'](nm_per_px)
+
+    # --- scale inside a ViT trunk (end-to-end mode) ---
+    def attach_trunk(self, trunk: nn.Module, cfg: Optional[dict] = None) -> None:
+        """Register the token-level scale embedding on a ViT trunk (open_clip or timm VisionTransformer)."""
+        if self.mode != 'trunk':
+            return
+        hook_at, width = _vit_token_site(trunk)
+        if self.aware:
+            with torch.random.fork_rng(devices=[]):
+                self.embeds['tokens'] = create_scale_embed(width, cfg or {})
+            hook_at.register_forward_hook(self._add_to_tokens)
+
+    def _add_to_tokens(self, module, inputs, tokens):
+        if self._trunk_scales is None:
+            raise RuntimeError('a scale-in-trunk model needs the images\' nm/px: call encode_trunk(images, scales)')
+        if tokens.dim() != 3 or tokens.shape[0] != self._trunk_scales.shape[0]:
+            raise RuntimeError(f'unexpected ViT token shape {tuple(tokens.shape)} for {len(self._trunk_scales)} images')
+        return tokens + self.embeds['tokens'](self._trunk_scales)[:, None, :].to(tokens.dtype)
+
+    @contextlib.contextmanager
+    def trunk_scales(self, nm_per_px: Optional[torch.Tensor]):
+        """Within this context the trunk's token hook reads these per-image scales [N]."""
+        self._trunk_scales = nm_per_px
+        try:
+            yield
+        finally:
+            self._trunk_scales = None
+
+
+class _ZeroVector(nn.Module):
+    """A learnt vector that starts at zero (FiLM's constant gain and bias, shared by both arms)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
+def _vit_token_site(trunk: nn.Module):
+    """(module whose output is the token sequence after the positional embedding, token width) of a ViT trunk."""
+    if hasattr(trunk, 'patch_dropout') and hasattr(trunk, 'class_embedding'):      # open_clip VisionTransformer
+        return trunk.patch_dropout, int(trunk.class_embedding.shape[-1])
+    if hasattr(trunk, 'patch_drop') and hasattr(trunk, 'embed_dim'):              # timm VisionTransformer
+        return trunk.patch_drop, int(trunk.embed_dim)
+    raise ValueError(f'scale.mode "trunk" needs a ViT image trunk (open_clip or timm VisionTransformer); '
+                     f'got {type(trunk).__name__}')

@@ -14,6 +14,7 @@ MODES = ("cache", "e2e")
 PRECISIONS = ("no", "bf16", "fp16")
 AGGREGATORS = ("mean", "gated_attention", "transformer")
 SCALE_ENCODINGS = ("sincos", "fourier", "binned")
+SCALE_MODES = ("add", "film", "mlp", "trunk")
 
 
 @dataclass
@@ -27,6 +28,8 @@ class TrainConfig:
     model: str = "efficientnet_lite0_minilm"  # name of emclip/configs/models/*.json, or a path to a JSON config
     scale_embed: bool = True                 # False: the scale-blind baseline, everything else equal
     scale_encoding: str = "sincos"
+    scale_mode: str = "film"                 # where the scale enters: add | film | mlp | trunk (ViT, e2e only)
+    scale_attention: bool = False            # also condition the gated-attention scorer on the scale
     aggregator: str = "gated_attention"
     loss: str = "clip"                       # "clip" (InfoNCE) or "siglip"
     lock_text: bool = True                   # freeze the text transformer; its projection still trains
@@ -53,7 +56,7 @@ class TrainConfig:
     def __post_init__(self):
         problems = _coerce_types(self)
         for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("aggregator", AGGREGATORS),
-                              ("scale_encoding", SCALE_ENCODINGS), ("loss", ("clip", "siglip"))):
+                              ("scale_encoding", SCALE_ENCODINGS), ("scale_mode", SCALE_MODES), ("loss", ("clip", "siglip"))):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name in ("epochs", "batch_size", "accum_freq", "num_processes", "checkpoint_every", "eval_batch_size"):
@@ -63,6 +66,12 @@ class TrainConfig:
             problems.append(f"lr must be > 0, got {self.lr}")
         if self.max_instances is not None and self.max_instances < 1:
             problems.append(f"max_instances must be >= 1 or null, got {self.max_instances}")
+        if self.scale_mode == "trunk" and self.mode != "e2e":
+            problems.append("scale_mode='trunk' puts the scale inside the image trunk, so its features cannot be "
+                            "cached: use mode=e2e (and a ViT model)")
+        if self.scale_attention and self.aggregator != "gated_attention":
+            problems.append(f"scale_attention=true conditions the gated-attention scorer; aggregator is "
+                            f"{self.aggregator!r}")
         if problems:
             raise ValueError("invalid training configuration: " + "; ".join(problems))
 

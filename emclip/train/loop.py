@@ -55,7 +55,8 @@ def build_run_model(cfg: TrainConfig):
     the feature cache's key)."""
     set_seed(cfg.seed)
     return build_model(cfg.model, scale_embed=cfg.scale_embed, scale_encoding=cfg.scale_encoding,
-                       aggregator=cfg.aggregator, loss=cfg.loss, lock_image=cfg.mode == "cache", lock_text=cfg.lock_text)
+                       scale_mode=cfg.scale_mode, scale_attention=cfg.scale_attention, aggregator=cfg.aggregator,
+                       loss=cfg.loss, lock_image=cfg.mode == "cache", lock_text=cfg.lock_text)
 
 
 def cosine_with_warmup(warmup: int, total: int):

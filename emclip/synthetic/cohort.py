@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..data.splits import assign_splits
 from .render import render_field
 from .reports import write_report
-from .specs import load_specs, sample_patient
+from .specs import DiseaseSpec, PatientScene, load_specs, sample_patient
 
 SCALE_RANGE_NM = (2.0, 100.0)
 MAX_IMAGES = 40
@@ -23,6 +23,16 @@ CAMERA_PIXEL_NM = 60_000.0      # detector pixel pitch: magnification = pitch / 
 def _patient_rng(seed: int, index: int) -> np.random.Generator:
     # One stream per patient: the cohort is identical whatever the number of worker processes.
     return np.random.default_rng([seed, index, 0x5EED])
+
+
+def render_image(spec: DiseaseSpec, scene: PatientScene, nm_per_px: float, image_size: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """One field of a patient at ``nm_per_px`` true physical nm/px, as the generator writes it (float in [0, 1]).
+
+    A size twin is its partner's scene with every length x ``size_ratio``: rendering that scene at
+    nm_per_px / size_ratio gives exactly the pixels of the twin at nm_per_px. This line is the confusable pair.
+    """
+    return render_field(scene.params, nm_per_px / spec.size_ratio, image_size, rng)
 
 
 def _render_patient(args) -> tuple[list[dict], dict]:
@@ -38,7 +48,7 @@ def _render_patient(args) -> tuple[list[dict], dict]:
     rows = []
     for k in range(n_images):
         scale = float(np.round(np.exp(rng.uniform(*np.log(SCALE_RANGE_NM))), 3))
-        img = render_field(scene.params, scale / spec.size_ratio, image_size, rng)
+        img = render_image(spec, scene, scale, image_size, rng)
         data = np.round(img * (65535 if sixteen_bit else 255)).astype(np.uint16 if sixteen_bit else np.uint8)
         rel = f"images/{pid}/{pid}_{k + 1:02d}.tif"
         tifffile.imwrite(Path(out_dir) / rel, data, description=f"nm_per_pixel={scale}", software="emclip",

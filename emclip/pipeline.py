@@ -17,7 +17,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from .data import BagDataset, ImageTransform, collate_bags, load_cohort
-from .evaluation import Embeddings, compare_runs, embed_cohort, evaluate, load_prompts
+from .evaluation import Embeddings, embed_cohort, evaluate, load_prompts
 from .paths import project_root, resolve
 from .train.cache import build_feature_cache
 from .train.checkpoint import latest_checkpoint, load_model_weights
@@ -65,7 +65,7 @@ def training_curves(run_dir: str | Path, out: str | Path | None = None):
     """Training loss, learning rate, temperature and validation loss against the step."""
     log = read_log(run_dir)
     steps, val = log[log.loss.notna()], log[log.val_loss.notna()]
-    fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig, ax = plt.subplots(1, 4, figsize=(17, 3.6))
     ax[0].plot(steps.step, steps.loss, lw=0.8, alpha=0.5, label="train (per step)")
     ax[0].plot(steps.step, steps.loss.rolling(10, min_periods=1).mean(), lw=1.5, label="train (10-step mean)")
     ax[0].plot(val.step, val.val_loss, "o-", label="validation (whole split)")
@@ -75,6 +75,9 @@ def training_curves(run_dir: str | Path, out: str | Path | None = None):
     ax[1].set(xlabel="step", title="logit scale  exp(t)")
     ax[2].plot(steps.step, steps.lr)
     ax[2].set(xlabel="step", title="learning rate")
+    if "val_recall" in val:
+        ax[3].plot(val.step, val.val_recall, "o-", color="C2")
+    ax[3].set(xlabel="step", title="validation patient<->report\nmean Recall@1/5/10 (selects 'best')")
     fig.suptitle(Path(resolve(run_dir)).name)
     fig.tight_layout()
     if out is not None:
@@ -124,15 +127,15 @@ def embed_run(run_dir: str | Path, batch_size: int = 32, model=None, cfg: TrainC
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", n_boot: int = 1000, topj=(1, 3), out: str | Path | None = None,
-                 figures: bool = True, reuse: bool = True) -> dict:
-    """Full evaluation protocol of a trained run on ``split``: writes ``<run>/eval/metrics.json`` and figures.
+                 figures: bool = True, reuse: bool = True, name: str = "eval") -> dict:
+    """Full evaluation protocol of a trained run on ``split``: writes ``<run>/<name>/metrics.json`` and figures.
 
     With ``reuse``, an evaluation already in ``<run>/eval`` that is newer than the run's best checkpoint and used the
     same split and bootstrap size is returned instead of being recomputed. ``out`` also receives a copy.
     """
     import shutil
     run = resolve(run_dir)
-    target = run / "eval"
+    target = run / name
     metrics_path = target / "metrics.json"
     best = run / "checkpoints" / "best" / "model.safetensors"
     if reuse and metrics_path.exists() and best.exists() and metrics_path.stat().st_mtime > best.stat().st_mtime:
@@ -154,63 +157,6 @@ def evaluate_run(run_dir: str | Path, split: str = "test", n_boot: int = 1000, t
         for f in target.iterdir():
             shutil.copy2(f, Path(out) / f.name)
     return metrics
-
-
-def arm_name(scale_embed: bool, aggregator: str) -> str:
-    return f"scale_{str(bool(scale_embed)).lower()}-{aggregator}"
-
-
-def ablation_table(runs: dict[str, Path], n_boot: int = 1000) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per-run table, paired scale-aware vs scale-blind differences) from each run's ``eval/`` outputs.
-
-    Per run: zero-shot macro ROC-AUC and balanced accuracy with 95% bootstrap CIs (patients resampled), the MI-Zero
-    top-j image-level baseline, report->patient Recall@1/5 and the linear probe (mean ± sd over 5 seeds). Paired:
-    for every aggregator, scale-aware minus scale-blind on the same test patients (same bootstrap resamples), for
-    both AUC and balanced accuracy, with the CI of the difference and the fraction of resamples where it is <= 0.
-    """
-    rows = []
-    for arm, run in runs.items():
-        m = json.loads((Path(run) / "eval" / "metrics.json").read_text())
-        zs = m["zero_shot"]["patient"]
-        row = {"arm": arm, "scale_embed": arm.startswith("scale_true"), "aggregator": arm.split("-", 1)[1],
-               "zs_auc": zs["roc_auc_macro_ovr"]["value"], "zs_auc_ci": _fmt_ci(zs["roc_auc_macro_ovr"]),
-               "zs_bal_acc": zs["balanced_accuracy"]["value"], "zs_bal_acc_ci": _fmt_ci(zs["balanced_accuracy"])}
-        for j, block in m["zero_shot"].get("image_topj", {}).items():
-            row[f"top{j}_image_auc"] = block["roc_auc_macro_ovr"]["value"]
-        r2p = m["retrieval"]["report_to_patient"]["recall"]
-        row["r2p_R@1"], row["r2p_R@5"] = r2p["1"]["value"], r2p["5"]["value"]
-        probe = m.get("linear_probe", {}).get("test_roc_auc_macro_ovr")
-        row["probe_auc"] = f"{probe['mean']:.3f} ± {probe['sd']:.3f}" if probe else ""
-        rows.append(row)
-    table = pd.DataFrame(rows).set_index("arm")
-    diffs = []
-    for agg in sorted({a.split("-", 1)[1] for a in runs}):
-        a, b = runs.get(arm_name(True, agg)), runs.get(arm_name(False, agg))
-        if a is None or b is None:
-            continue
-        for metric, result in (("roc_auc_macro_ovr", compare_runs(Path(a) / "eval", Path(b) / "eval", n_boot=n_boot)),
-                               ("balanced_accuracy", _paired_balanced_accuracy(Path(a) / "eval", Path(b) / "eval",
-                                                                               n_boot))):
-            diffs.append({"aggregator": agg, "metric": metric, "scale_aware": result["value_a"],
-                          "scale_blind": result["value_b"], "difference": result["difference"],
-                          "difference_ci": _fmt_ci(result), "p(diff<=0)": result["p_le_0"], "n_patients": result["n"]})
-    return table, pd.DataFrame(diffs)
-
-
-def _paired_balanced_accuracy(eval_a: Path, eval_b: Path, n_boot: int) -> dict:
-    """Paired bootstrap of patient-level zero-shot balanced accuracy between two evaluated runs."""
-    from sklearn.metrics import balanced_accuracy_score
-
-    from .metrics import paired_bootstrap
-    ta, tb = (pd.read_csv(p / "predictions.csv", keep_default_na=False) for p in (eval_a, eval_b))
-    merged = ta.merge(tb, on="patient_id", suffixes=("_a", "_b"))
-    merged = merged[(merged.patient_pred_a != "") & (merged.patient_pred_b != "") & (merged.diagnosis_a != "")]
-    classes = sorted(set(merged.diagnosis_a) | set(merged.patient_pred_a) | set(merged.patient_pred_b))
-    index = {c: i for i, c in enumerate(classes)}
-    y = merged.diagnosis_a.map(index).to_numpy()
-    pa, pb = merged.patient_pred_a.map(index).to_numpy(), merged.patient_pred_b.map(index).to_numpy()
-    out = paired_bootstrap(lambda yy, pred: balanced_accuracy_score(yy, pred), y, pa, pb, n_boot=n_boot)
-    return {**out, "n": int(len(y))}
 
 
 def _fmt_ci(block) -> str:
@@ -262,6 +208,18 @@ def zero_shot_table(metrics: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).T
 
 
+def pair_table(metrics: dict) -> pd.DataFrame:
+    """Within-pair accuracy, balanced accuracy and AUC of each confusable pair, with 95% CIs."""
+    rows = {}
+    for name, block in metrics["zero_shot"].get("pairs", {}).items():
+        row = {"patients": block["n"]}
+        for key in ("accuracy", "balanced_accuracy", "roc_auc"):
+            if key in block:
+                row[key], row[f"{key} 95% CI"] = block[key]["value"], _fmt_ci(block[key])
+        rows[name] = row
+    return pd.DataFrame(rows).T
+
+
 def per_class_auc(metrics: dict) -> pd.DataFrame:
     zs = metrics["zero_shot"]["patient"]
     return pd.DataFrame({"roc_auc": zs["roc_auc_per_class"], "support": zs["support"]})
@@ -274,45 +232,6 @@ def retrieval_table(metrics: dict) -> pd.DataFrame:
         row.update({"median_rank": block["median_rank"], "queries": block["n_queries"], "gallery": block["n_items"]})
         rows[task] = row
     return pd.DataFrame(rows).T
-
-
-def ablation_figure(table: pd.DataFrame, diffs: pd.DataFrame, out: str | Path | None = None):
-    """Zero-shot AUC and balanced accuracy per arm with 95% CIs, and the paired differences with their CIs."""
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    for i, (col, label) in enumerate((("zs_auc", "zero-shot ROC-AUC (macro OvR)"),
-                                      ("zs_bal_acc", "zero-shot balanced accuracy"))):
-        cis = table[f"{col}_ci"].str.strip("[]").str.split(", ", expand=True).astype(float)
-        colors = ["#c44e52" if s else "#4c72b0" for s in table.scale_embed]
-        y = range(len(table))
-        ax[i].errorbar(table[col], y, xerr=[table[col] - cis[0], cis[1] - table[col]], fmt="none", ecolor="gray")
-        ax[i].scatter(table[col], y, c=colors, zorder=3)
-        ax[i].set_yticks(list(y), table.index, fontsize=8)
-        ax[i].set(title=label + "\n(red: scale-aware, blue: scale-blind)", xlabel="test split, 95% bootstrap CI")
-    if len(diffs):
-        d = diffs.reset_index(drop=True)
-        cis = d.difference_ci.str.strip("[]").str.split(", ", expand=True).astype(float)
-        y = range(len(d))
-        ax[2].errorbar(d.difference, y, xerr=[d.difference - cis[0], cis[1] - d.difference], fmt="o")
-        ax[2].axvline(0, color="k", lw=0.8)
-        ax[2].set_yticks(list(y), d.aggregator + " · " + d.metric.str.replace("roc_auc_macro_ovr", "AUC")
-                         .str.replace("balanced_accuracy", "bal. acc."), fontsize=8)
-        ax[2].set(title="paired difference\nscale-aware − scale-blind (same patients)", xlabel="difference, 95% bootstrap CI")
-    fig.tight_layout()
-    if out is not None:
-        fig.savefig(out, dpi=100)
-    return fig
-
-
-def write_ablation_summary(table: pd.DataFrame, diffs: pd.DataFrame, out: str | Path, timings=None) -> None:
-    """``ablation.md`` (markdown tables) and ``metrics.json`` (the same numbers) in ``out``."""
-    out = Path(out)
-    md = ["# Ablation: scale embedding x aggregator (test split)", "", "## Per run", "",
-          table.round(3).to_markdown(), "", "## Paired difference: scale-aware minus scale-blind (same test patients)",
-          "", diffs.round(3).to_markdown(index=False) if len(diffs) else "(no paired arms)", ""]
-    (out / "ablation.md").write_text("\n".join(md))
-    record = {"per_run": json.loads(table.reset_index().to_json(orient="records")),
-              "paired_differences": json.loads(diffs.to_json(orient="records"))}
-    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def run_all(params: str = DEFAULT_PARAMS, notebooks=NOTEBOOKS, summary: bool = True) -> Path:

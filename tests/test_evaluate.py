@@ -286,6 +286,11 @@ def test_evaluate_end_to_end(tmp_path):
         'recall']['1']['value'] > 0.1
     assert m['linear_probe']['test_roc_auc_macro_ovr']['mean'] > 0.8 and m['linear_probe']['refit'] == 'train+val'
     assert {c['b'] for c in m['comparisons']} == {'zero_shot.image_topj.1', 'zero_shot.image_topj.3'}
+    pair = m['zero_shot']['pairs']['thin basement membrane nephropathy vs normal']
+    assert set(m['zero_shot']['pairs']) == {'thin basement membrane nephropathy vs normal'}
+    assert pair['n'] == pair['n_a'] + pair['n_b'] == sum(e in RENAL[:2] for e in emb.diagnosis[emb.split == 'test'])
+    for k in ('accuracy', 'balanced_accuracy', 'roc_auc'):
+        _check_ci(pair[k])
     for f in ('roc.png', 'confusion_matrix.png', 'recall_at_k.png', 'attention.png'):
         assert (out / f).stat().st_size > 5000 and m['figures'][f.rsplit('.', 1)[0]] == f
     assert (out / 'predictions.csv').is_file()
@@ -303,3 +308,24 @@ def test_evaluate_end_to_end(tmp_path):
     assert m2['retrieval']['image_to_image']['n_queries'] > 0
     with pytest.raises(ValueError, match='no patients in split'):
         evaluate(emb, None, None, tmp_path / 'run3', split='holdout')
+
+
+def test_within_pair_metrics_by_hand():
+    from emclip.evaluation.pairs import generator_pairs, paired_pair_difference, pair_metrics, pairs_in
+    classes = ['a', 'b', 'c']
+    y = np.array([0, 0, 1, 1, 2])
+    probs = np.array([[.5, .3, .2], [.2, .3, .5], [.1, .6, .3], [.4, .3, .3], [.3, .3, .4]])
+    # within the pair only a and b count: patient 1's argmax c is irrelevant, it is wrong because b > a
+    m = pair_metrics(y, probs, classes, [('a', 'b')], n_boot=50)['a vs b']
+    assert (m['n'], m['n_a'], m['n_b']) == (4, 2, 2)
+    assert m['accuracy']['value'] == 0.5 and m['balanced_accuracy']['value'] == 0.5
+    assert m['roc_auc']['value'] == pytest.approx(0.75)   # a-scores 0.51, -0.41 vs b-scores -1.79, 0.29: 3 of 4
+    better = probs.copy()
+    better[1], better[3] = [.4, .1, .5], [.1, .6, .3]
+    d = paired_pair_difference(y, better, probs, classes, ('a', 'b'), n_boot=50)
+    assert d['value_a'] == 1.0 and d['difference'] == 0.5
+    assert paired_pair_difference(y, probs, probs, classes, ('a', 'b'), n_boot=20)['difference'] == 0
+    # pairs come from the generator's disease specification, kept only when both classes are evaluated
+    assert ('thin basement membrane nephropathy', 'normal') in generator_pairs()
+    assert pairs_in(RENAL[:4]) == [('thin basement membrane nephropathy', 'normal')]
+    assert pairs_in(['normal', 'x']) == []

@@ -27,12 +27,13 @@ def _papermill(notebook: str, out: Path, *params: str) -> subprocess.CompletedPr
 
 def test_03_train_as_typed_with_string_false(tmp_path, tiny_cohort):
     run = tmp_path / "run"
-    out = _papermill("03_train.ipynb", tmp_path / "out.ipynb", "scale_embed=false", "epochs=1",
+    out = _papermill("03_train.ipynb", tmp_path / "out.ipynb", "scale_embed=false", "scale_mode=mlp", "epochs=1",
                      f"data_dir={tiny_cohort}", f"run_dir={run}", "n_boot=50", "batch_size=4")
     assert out.returncode == 0, out.stderr[-3000:]
     config = json.loads((run / "config.json").read_text())
     assert config["scale_embed"] is False and config["epochs"] == 1      # "false" on the command line is False
-    assert json.loads((run / "run_info.json").read_text())["model_config"]["scale"]["enabled"] is False
+    scale = json.loads((run / "run_info.json").read_text())["model_config"]["scale"]
+    assert scale["enabled"] is False and scale["mode"] == "mlp" and config["scale_mode"] == "mlp"
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     auc = metrics["zero_shot"]["patient"]["roc_auc_macro_ovr"]
     assert 0 <= auc["value"] <= 1 and auc["ci_low"] <= auc["value"] <= auc["ci_high"]

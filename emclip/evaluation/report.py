@@ -20,6 +20,7 @@ from emclip.metrics import (
 
 from . import figures as F
 from .embeddings import Embeddings, scale_from_logit
+from .pairs import pair_metrics, pairs_in
 from .probe import DEFAULT_CS, linear_probe
 from .retrieval import (
     image_image_retrieval, patient_report_retrieval, report_image_retrieval, summarize_retrieval)
@@ -144,7 +145,7 @@ def evaluate(embeddings: Embeddings | str | Path, encode_text: Callable[[list[st
              probe_cs: Sequence[float] = DEFAULT_CS, probe_refit: str = 'train+val',
              max_image_queries: int | None = 10000, chunk_size: int | None = None, figures: bool = True,
              n_attention_patients: int = 4, n_attention_images: int = 3, image_root: str | Path | None = None,
-             name: str | None = None) -> dict:
+             name: str | None = None, pairs: Sequence[Sequence[str]] | None = None) -> dict:
     """Evaluate one model's embeddings on ``split`` and write ``metrics.json``, ``predictions.csv`` and PNG figures.
 
     Args:
@@ -158,6 +159,8 @@ def evaluate(embeddings: Embeddings | str | Path, encode_text: Callable[[list[st
         split: the split evaluated (None = all patients); the linear probe always trains on train/val.
         topj: j values of the MI-Zero image-level baseline (mean of each patient's top-j image scores).
         max_image_queries: image->image queries are a seeded sample of this many labelled images (None = all).
+        pairs: confusable pairs (a, b) scored within the pair (``zero_shot.pairs``); None = the embedded cohort's
+            pairs from its disease specification, where both classes are evaluated.
     Returns:
         The metrics dictionary that was written to ``out_dir/metrics.json``.
     """
@@ -191,6 +194,9 @@ def evaluate(embeddings: Embeddings | str | Path, encode_text: Callable[[list[st
     else:
         metrics['zero_shot'], probs, comparisons = _zero_shot(emb, encode_text, scale, prompts, y, topj, boot,
                                                               dx_outside)
+        labelled = y >= 0
+        metrics['zero_shot']['pairs'] = pair_metrics(y[labelled], probs['patient'][labelled], classes,
+                                                     pairs_in(classes, pairs), **boot)
 
     tasks = patient_report_retrieval(emb, chunk_size)
     if emb.n_images:

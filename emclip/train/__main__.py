@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    print(f"done: {summary['steps']} steps, best validation loss {summary['best_val_loss']:.4f}, "
+    print(f"done: {summary['steps']} steps, best validation loss {summary['best_val_loss']:.4f}, best "
+          f"{summary['select_on']} {abs(summary['best_score']):.4f} (checkpoints/best), "
           f"outputs in {summary['run_dir']}")
     return 0
 

@@ -15,6 +15,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 AGGREGATORS = ("mean", "gated_attention", "transformer")
 SCALE_ENCODINGS = ("sincos", "fourier", "binned")
 SCALE_MODES = ("add", "film", "mlp", "trunk")
+SELECT_ON = ("val_recall", "val_loss")
 
 
 @dataclass
@@ -49,6 +50,8 @@ class TrainConfig:
     # outputs
     run_dir: str = "runs/demo"
     cache_dir: str = "cache"
+    select_on: str = "val_recall"            # which epoch becomes checkpoints/best: "val_recall" (mean patient<->report
+    #                                          Recall@1/5/10 on validation, label-free) or "val_loss" (lowest)
     checkpoint_every: int = 50               # steps between resumable checkpoints (and one at every epoch end)
     eval_batch_size: int = 64
     max_steps: int | None = None             # stop early after this many optimizer steps (tests, smoke runs)
@@ -56,7 +59,8 @@ class TrainConfig:
     def __post_init__(self):
         problems = _coerce_types(self)
         for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("aggregator", AGGREGATORS),
-                              ("scale_encoding", SCALE_ENCODINGS), ("scale_mode", SCALE_MODES), ("loss", ("clip", "siglip"))):
+                              ("scale_encoding", SCALE_ENCODINGS), ("scale_mode", SCALE_MODES), ("loss", ("clip", "siglip")),
+                              ("select_on", SELECT_ON)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name in ("epochs", "batch_size", "accum_freq", "num_processes", "checkpoint_every", "eval_batch_size"):

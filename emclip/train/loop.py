@@ -126,8 +126,12 @@ class _Trainer:
         return float(self.acc.reduce(loss.detach().clone(), "mean"))
 
     @torch.no_grad()
-    def validation_loss(self, loader) -> float:
-        """Contrastive loss over the whole validation split as one batch (comparable across runs)."""
+    def validate(self, loader) -> tuple[float, float]:
+        """(contrastive loss, mean patient<->report Recall@1/5/10) over the whole validation split as one batch.
+
+        One batch whatever the batch size, so both are comparable across runs. The recall is label-free and tracks
+        what the study reports far better than the loss, which bottoms out epochs before zero-shot stops improving
+        (BRIEF section 5)."""
         self.model.eval()
         patients, reports = [], []
         for batch in loader:
@@ -140,8 +144,20 @@ class _Trainer:
         # world_size=1: the embeddings are already gathered, so no process may gather them again
         scale = self.raw.logit_scale.exp()
         if self.cfg.loss == "siglip":
-            return float(SigLipLoss(world_size=1)(patients, reports, scale, self.raw.logit_bias))
-        return float(ClipLoss(world_size=1)(patients, reports, scale))
+            loss = float(SigLipLoss(world_size=1)(patients, reports, scale, self.raw.logit_bias))
+        else:
+            loss = float(ClipLoss(world_size=1)(patients, reports, scale))
+        return loss, mean_recall(patients.float() @ reports.float().T)
+
+
+def mean_recall(sim: torch.Tensor, ks=(1, 5, 10)) -> float:
+    """Mean over both directions and ``ks`` of Recall@k, the true match on the diagonal (ties count against)."""
+    values = []
+    for s in (sim, sim.T):
+        diag = s.diagonal()[:, None]
+        rank = (s >= diag).sum(dim=1)   # 1 = the match is strictly above every other candidate
+        values += [float((rank <= k).float().mean()) for k in ks]
+    return sum(values) / len(values)
 
 
 def _datasets(cfg: TrainConfig, cohort, model, accelerator, log):
@@ -189,15 +205,16 @@ def train(cfg: TrainConfig, log=print) -> dict:
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     trainer = _Trainer(cfg, accelerator, model, text)
 
-    step, start_epoch, skip, best = 0, 0, 0, math.inf
+    step, start_epoch, skip, best, best_score = 0, 0, 0, math.inf, -math.inf
     resume = latest_checkpoint(ckpt_root)
     if resume is not None:
         meta = load_checkpoint(resume, trainer.raw, optimizer, scheduler)
         step, start_epoch, skip = meta["step"], meta["epoch"], meta["batch_in_epoch"]
         best = meta.get("best_val_loss", math.inf)
+        best_score = meta.get("best_score", -math.inf)
         say(f"resuming {run} from {resume.name} (epoch {start_epoch}, step {step})")
     log_path = run / "metrics_log.csv"
-    fields = ["step", "epoch", "loss", "lr", "logit_scale", "val_loss", "seconds"]
+    fields = ["step", "epoch", "loss", "lr", "logit_scale", "val_loss", "val_recall", "seconds"]
     if is_main:
         if resume is None or not log_path.exists():
             with open(log_path, "w", newline="") as fh:
@@ -213,7 +230,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         accelerator.wait_for_everyone()
         if is_main:
             meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_val_loss": best,
-                    "val_loss": val_loss, "config": cfg.to_dict()}
+                    "best_score": best_score, "val_loss": val_loss, "config": cfg.to_dict()}
             return save_checkpoint(ckpt_root, trainer.raw, optimizer, scheduler, meta)
         return None
 
@@ -246,7 +263,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
             bar.update()
             if is_main:
                 row = [step, epoch, round(loss, 6), scheduler.get_last_lr()[0],
-                       round(float(trainer.raw.logit_scale.detach().exp()), 4), "", round(time.perf_counter() - start, 2)]
+                       round(float(trainer.raw.logit_scale.detach().exp()), 4), "", "",
+                       round(time.perf_counter() - start, 2)]
                 _append(log_path, row)
                 writer.scalars(step, loss=loss, lr=row[3], logit_scale=row[4])
                 bar.set_postfix(loss=f"{loss:.3f}")
@@ -258,19 +276,23 @@ def train(cfg: TrainConfig, log=print) -> dict:
         if done and batch_in_epoch < steps_per_epoch:
             checkpoint(epoch, batch_in_epoch)
             break
-        val_loss = trainer.validation_loss(val_loader)
-        improved = val_loss < best
-        best = min(best, val_loss)
+        val_loss, val_recall = trainer.validate(val_loader)
+        score = val_recall if cfg.select_on == "val_recall" else -val_loss
+        improved = score > best_score
+        best, best_score = min(best, val_loss), max(best_score, score)
         if is_main:
-            _append(log_path, [step, epoch, "", "", "", round(val_loss, 6), round(time.perf_counter() - start, 2)])
-            writer.scalars(step, val_loss=val_loss)
-            say(f"epoch {epoch + 1}/{cfg.epochs}: step {step}, val loss {val_loss:.4f}" + (" (best)" if improved else ""))
+            _append(log_path, [step, epoch, "", "", "", round(val_loss, 6), round(val_recall, 6),
+                               round(time.perf_counter() - start, 2)])
+            writer.scalars(step, val_loss=val_loss, val_recall=val_recall)
+            say(f"epoch {epoch + 1}/{cfg.epochs}: step {step}, val loss {val_loss:.4f}, val recall {val_recall:.3f}"
+                + (f" (best {cfg.select_on})" if improved else ""))
         path = checkpoint(epoch + 1, 0, val_loss)
         if is_main and improved:
             copy_as(ckpt_root, path, "best")
     bar.close()
     accelerator.wait_for_everyone()
-    summary = {"run_dir": str(run), "steps": step, "best_val_loss": best, "seconds": round(time.perf_counter() - start, 2),
+    summary = {"run_dir": str(run), "steps": step, "best_val_loss": best, "select_on": cfg.select_on,
+               "best_score": best_score, "seconds": round(time.perf_counter() - start, 2),
                "processes": accelerator.num_processes}
     if is_main:
         write_text_atomic(run / "train_summary.json", json.dumps(summary, indent=2) + "\n")

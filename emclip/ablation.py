@@ -1,0 +1,268 @@
+"""Ablations: a grid of arms (scale mode x aggregator x scale-aware/blind x seed), their table and paired statistics.
+
+An :class:`Arm` is one training configuration of the grid; its run directory holds ``eval/metrics.json`` and
+``eval/predictions.csv`` (``pipeline.evaluate_run``). The tables read only those files, so they can be rebuilt from
+finished runs at any time. Every aware arm is paired with the blind arm of the same mode, aggregator and seed: the
+blind arm has the same layers without the scale input (``ScaleConditioning``), so a difference is the scale's.
+
+Seeds: each statistic is reported per seed and pooled. The pooled difference is the mean over seeds of
+(aware - blind) on the same test patients; its 95% CI resamples patients jointly for every seed and both arms.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from .evaluation.pairs import pair_name
+
+HEADLINE = "zero-shot bal. acc."
+
+
+@dataclass(frozen=True)
+class Arm:
+    scale_mode: str = "film"
+    aggregator: str = "gated_attention"
+    scale_embed: bool = True
+    seed: int = 0
+    scale_attention: bool = False
+
+    @property
+    def variant(self) -> str:
+        """Mode and aggregator, without awareness or seed: what an aware arm is compared within."""
+        return f"{self.scale_mode}{'+attn' if self.scale_attention else ''}-{self.aggregator}"
+
+    @property
+    def group(self) -> str:
+        """The arm without its seed."""
+        return f"{self.variant}-{'aware' if self.scale_embed else 'blind'}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}-s{self.seed}"
+
+    def overrides(self) -> dict:
+        return asdict(self)
+
+    def partner(self) -> "Arm":
+        """The same arm with the scale input switched (aware <-> blind)."""
+        return Arm(self.scale_mode, self.aggregator, not self.scale_embed, self.seed, self.scale_attention)
+
+
+def grid(spec: dict, defaults: dict | None = None) -> list[Arm]:
+    """Every arm of an ``ablations`` section: lists under ``scale_mode``, ``aggregator``, ``scale_embed``, ``seeds``,
+    ``scale_attention`` (a missing key takes the training default). Attention conditioning is only paired with
+    gated attention; other combinations are left out, not refused."""
+    defaults = defaults or {}
+
+    def values(key, default_key=None):
+        v = spec.get(key, [defaults.get(default_key or key, getattr(Arm, default_key or key))])
+        return list(v) if isinstance(v, (list, tuple)) else [v]
+
+    unknown = set(spec) - {"scale_mode", "aggregator", "scale_embed", "seeds", "scale_attention"}
+    if unknown:
+        raise ValueError(f"unknown ablation key(s) {sorted(unknown)}; known: scale_mode, aggregator, scale_embed, "
+                         f"seeds, scale_attention")
+    arms = []
+    for mode, agg, attention, seed, aware in itertools.product(
+            values("scale_mode"), values("aggregator"), values("scale_attention"), values("seeds", "seed"),
+            values("scale_embed")):
+        if attention and agg != "gated_attention":
+            continue
+        arms.append(Arm(str(mode), str(agg), bool(aware), int(seed), bool(attention)))
+    return arms
+
+
+def _fmt_ci(lo, hi) -> str:
+    return "" if lo is None or hi is None or np.isnan(lo) or np.isnan(hi) else f"[{lo:.3f}, {hi:.3f}]"
+
+
+def _metrics(run: Path) -> dict:
+    return json.loads((Path(run) / "eval" / "metrics.json").read_text())
+
+
+def run_table(runs: dict[Arm, Path]) -> pd.DataFrame:
+    """One row per run: zero-shot (patient level) AUC and balanced accuracy with CIs, within-pair accuracy and AUC
+    of every confusable pair, the MI-Zero top-j baseline, report->patient Recall@1/5 and the linear probe."""
+    rows = []
+    for arm, run in runs.items():
+        m = _metrics(run)
+        zs = m["zero_shot"]["patient"]
+        row = {"arm": arm.name, "mode": arm.variant.rsplit("-", 1)[0], "aggregator": arm.aggregator,
+               "scale": "aware" if arm.scale_embed else "blind", "seed": arm.seed,
+               "zero-shot AUC": zs["roc_auc_macro_ovr"]["value"],
+               "zero-shot AUC 95% CI": _fmt_ci(zs["roc_auc_macro_ovr"]["ci_low"], zs["roc_auc_macro_ovr"]["ci_high"]),
+               "zero-shot bal. acc.": zs["balanced_accuracy"]["value"],
+               "zero-shot bal. acc. 95% CI": _fmt_ci(zs["balanced_accuracy"]["ci_low"],
+                                                     zs["balanced_accuracy"]["ci_high"])}
+        for name, block in m["zero_shot"].get("pairs", {}).items():
+            short = _short(block["a"], block["b"])
+            # a pair without test patients has no metric blocks: NaN, not an error
+            row[f"{short} acc."] = block.get("accuracy", {}).get("value", np.nan)
+            row[f"{short} AUC"] = block.get("roc_auc", {}).get("value", np.nan)
+        for j, block in m["zero_shot"].get("image_topj", {}).items():
+            row[f"top-{j} image AUC"] = block["roc_auc_macro_ovr"]["value"]
+        r2p = m["retrieval"]["report_to_patient"]["recall"]
+        row["report->patient R@1"], row["report->patient R@5"] = r2p["1"]["value"], r2p["5"]["value"]
+        probe = m.get("linear_probe", {}).get("test_roc_auc_macro_ovr")
+        row["probe AUC (5 seeds)"] = f"{probe['mean']:.3f} ± {probe['sd']:.3f}" if probe else ""
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("arm")
+
+
+def _short(a: str, b: str) -> str:
+    """'thin basement membrane nephropathy', 'normal' -> 'thin/normal' (first word of each)."""
+    return f"{a.split()[0]}/{b.split()[0]}"
+
+
+# --- paired statistics --------------------------------------------------------------------------------------------
+
+def _predictions(run: Path) -> pd.DataFrame:
+    return pd.read_csv(Path(run) / "eval" / "predictions.csv", keep_default_na=False)
+
+
+def _balanced_accuracy(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
+    """Mean recall over the classes present in y (scikit-learn's definition), vectorised for the bootstrap."""
+    support = np.bincount(y, minlength=n_classes)
+    hits = np.bincount(y[pred == y], minlength=n_classes)
+    present = support > 0
+    return float((hits[present] / support[present]).mean())
+
+
+def _statistics(frames: list[pd.DataFrame], classes: list[str], pairs: list[tuple[str, str]]):
+    """Per run, callables of patient indices: zero-shot balanced accuracy and within-pair accuracy per pair."""
+    index = {c: i for i, c in enumerate(classes)}
+    y = frames[0].diagnosis.map(index).to_numpy()
+    stats = []
+    for f in frames:
+        probs = f[[f"patient_p[{c}]" for c in classes]].to_numpy(float)
+        pred = probs.argmax(1)
+        per = {"zero-shot bal. acc.": lambda idx, pred=pred: _balanced_accuracy(y[idx], pred[idx], len(classes))}
+        for a, b in pairs:
+            ia, ib = index[a], index[b]
+            member = (y == ia) | (y == ib)
+            correct = np.where(y == ia, probs[:, ia] > probs[:, ib], probs[:, ib] > probs[:, ia])
+
+            def within(idx, member=member, correct=correct):
+                keep = member[idx]
+                return float(correct[idx][keep].mean()) if keep.any() else float("nan")
+            per[f"{_short(a, b)} acc."] = within
+        stats.append(per)
+    return y, stats
+
+
+def paired_differences(runs: dict[Arm, Path], n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> pd.DataFrame:
+    """Aware minus blind, on the same test patients, for every variant: per seed and pooled over seeds.
+
+    Metrics: zero-shot balanced accuracy and the within-pair accuracy of every confusable pair. Each row has the
+    aware and blind values, the difference, its percentile CI (patients resampled, all seeds and both arms
+    together) and p(diff <= 0), the fraction of resamples where the difference is not positive.
+    """
+    rows = []
+    aware_arms = sorted((a for a in runs if a.scale_embed and a.partner() in runs), key=lambda a: (a.variant, a.seed))
+    for variant in sorted({a.variant for a in aware_arms}):
+        members = [a for a in aware_arms if a.variant == variant]
+        frames = [_predictions(runs[a]) for a in members] + [_predictions(runs[a.partner()]) for a in members]
+        common = set.intersection(*(set(f.patient_id) for f in frames))
+        frames = [f[f.patient_id.isin(common) & (f.diagnosis != "")].sort_values("patient_id").reset_index(drop=True)
+                  for f in frames]
+        m = _metrics(runs[members[0]])
+        classes = m["classes"]
+        pairs = [(b["a"], b["b"]) for b in m["zero_shot"].get("pairs", {}).values()]
+        y, stats = _statistics(frames, classes, pairs)
+        n, k = len(y), len(members)
+        rng = np.random.default_rng(seed)
+        draws = [rng.integers(0, n, n) for _ in range(n_boot)]
+        full = np.arange(n)
+        for metric in stats[0]:
+            def diff(idx, seeds):
+                return np.mean([stats[s][metric](idx) - stats[k + s][metric](idx) for s in seeds])
+            for label, seeds in [(f"s{a.seed}", [i]) for i, a in enumerate(members)] + [("pooled", list(range(k)))]:
+                boot = np.array([diff(d, seeds) for d in draws])
+                boot = boot[np.isfinite(boot)]
+                lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2]) if len(boot) else (np.nan, np.nan)
+                rows.append({"variant": variant, "seed": label, "metric": metric,
+                             "aware": np.mean([stats[s][metric](full) for s in seeds]),
+                             "blind": np.mean([stats[k + s][metric](full) for s in seeds]),
+                             "aware − blind": diff(full, seeds), "95% CI": _fmt_ci(lo, hi),
+                             "ci_low": lo, "ci_high": hi,
+                             "p(diff ≤ 0)": float((boot <= 0).mean()) if len(boot) else np.nan, "patients": n})
+    return pd.DataFrame(rows)
+
+
+def seed_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± sd over seeds of the numeric per-run columns, one row per arm group (mode, aggregator, scale)."""
+    numeric = table.select_dtypes("number").drop(columns=["seed"])
+    keys = table[["mode", "aggregator", "scale"]]
+    grouped = pd.concat([keys, numeric], axis=1).groupby(["mode", "aggregator", "scale"], sort=False)
+    mean, sd, n = grouped.mean(), grouped.std(ddof=1), grouped.size()
+    out = mean.copy()
+    for col in numeric.columns:
+        out[col] = [f"{m:.3f} ± {s:.3f}" if np.isfinite(s) else f"{m:.3f}" for m, s in zip(mean[col], sd[col])]
+    out.insert(0, "seeds", n)
+    return out
+
+
+def pair_names(runs: dict[Arm, Path]) -> list[str]:
+    m = _metrics(next(iter(runs.values())))
+    return [pair_name((b["a"], b["b"])) for b in m["zero_shot"].get("pairs", {}).values()]
+
+
+def ablation_figure(table: pd.DataFrame, diffs: pd.DataFrame, default_variant: str | None = None, path=None):
+    """Per variant: zero-shot balanced accuracy and within-pair accuracy, aware vs blind (dots = seeds), and the
+    pooled paired differences with their 95% CIs."""
+    metrics = [HEADLINE] + [c for c in table.columns if c.endswith(" acc.") and "/" in c]
+    variants = sorted({f"{m}-{a}" for m, a in zip(table["mode"], table["aggregator"])})
+    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(4.2 * (len(metrics) + 1), 0.5 * len(variants) + 2.2),
+                             sharey=True)
+    for ax, metric in zip(axes, metrics):
+        for i, v in enumerate(variants):
+            for scale, color, dy in (("aware", "#c44e52", 0.12), ("blind", "#4c72b0", -0.12)):
+                rows = table[(table["mode"] + "-" + table["aggregator"] == v) & (table.scale == scale)]
+                ax.scatter(rows[metric], [i + dy] * len(rows), color=color, s=18, alpha=0.8,
+                           label=scale if i == 0 else None)
+                ax.plot([rows[metric].mean()] * 2, [i + dy - 0.1, i + dy + 0.1], color=color, lw=2)
+        ax.set(title=metric + ("\n(within the pair)" if "/" in metric else "\n(10 classes)"), xlabel="test split")
+        ax.axhline(variants.index(default_variant), color="0.85", lw=8, zorder=0) if default_variant in variants else None
+    axes[0].set_yticks(range(len(variants)), variants, fontsize=8)
+    axes[0].legend(fontsize=8, loc="lower right")
+    ax = axes[-1]
+    pooled = diffs[diffs.seed == "pooled"]
+    for j, metric in enumerate(metrics):
+        rows = pooled[pooled.metric == metric].set_index("variant").reindex(variants)
+        y = [i + 0.25 - 0.5 * j / max(len(metrics) - 1, 1) for i in range(len(variants))]
+        ax.errorbar(rows["aware − blind"], y, xerr=[rows["aware − blind"] - rows.ci_low, rows.ci_high
+                                                    - rows["aware − blind"]], fmt="o", ms=4, label=metric)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set(title="aware − blind, same test patients\n(mean over seeds, 95% CI)", xlabel="difference")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("scale-aware (red) vs scale-blind (blue), dots = seeds, bars = mean"
+                 + ("; shaded row = default chosen on validation" if default_variant else ""))
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
+
+
+def write_summary(out: str | Path, table: pd.DataFrame, diffs: pd.DataFrame, title: str) -> None:
+    """``ablation.md`` (readable tables) and ``metrics.json`` (the same numbers) in ``out``."""
+    out = Path(out)
+    pooled = diffs[diffs.seed == "pooled"].drop(columns=["seed", "ci_low", "ci_high"]) if len(diffs) else diffs
+    md = [f"# {title}", "",
+          "Zero-shot on the test split. Within-pair accuracy (e.g. `thin/normal acc.`): among the test patients of a "
+          "confusable pair, the fraction whose true class scores above the other class of the pair. The paired "
+          "difference is aware − blind on the same patients (mean over seeds); its 95% CI resamples patients.", "",
+          "## Scale-aware − scale-blind (paired, same test patients)", "",
+          pooled.round(3).to_markdown(index=False) if len(pooled) else "(no aware/blind pairs in the grid)", "",
+          "## Per run", "", table.round(3).to_markdown(), ""]
+    if table.seed.nunique() > 1:
+        md += ["## Mean ± sd over seeds", "", seed_summary(table).to_markdown(), ""]
+    (out / "ablation.md").write_text("\n".join(md))
+    record = {"per_run": json.loads(table.reset_index().to_json(orient="records")),
+              "paired_differences": json.loads(diffs.to_json(orient="records"))}
+    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")

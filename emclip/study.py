@@ -1,0 +1,157 @@
+"""The scale study: ``python -m emclip.study [PARAMS]`` (default ``study``, ``make study``).
+
+Three stages, every choice made on the validation split, the test split read only at the end:
+
+1. **Hyper-parameters** (the ``hp_search`` section, e.g. ``lr: [...]``): the default variant's aware and blind arms,
+   seed 0, one run per value; the value with the best mean validation zero-shot balanced accuracy of the two arms
+   is kept for every arm (the same for both, so the choice cannot favour one).
+2. **Grid** (the ``ablations`` section): every arm x seed trains with those values and is evaluated on val and test.
+3. **Default**: the variant (scale mode x aggregator) whose aware arm has the best mean validation zero-shot balanced
+   accuracy over seeds; its paired aware - blind differences on test are the study's headline.
+
+Runs are resumable: a finished arm (``train_summary.json`` and both evaluations present) is not trained again.
+Outputs: ``reports/<name>/study.md``, ``study.json``, ``study.png`` and, for the committed summary,
+``reports/summary/<name>/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from . import ablation
+from .paths import project_root, resolve
+from .pipeline import evaluate_run, load_params
+from .train.config import load_config
+from .train.loop import train
+
+
+def _train_and_evaluate(params: str, arm: ablation.Arm, run: Path, n_boot: int, topj, extra: dict, log) -> float:
+    """Train (or resume) one arm, evaluate it on val and test; returns the seconds spent."""
+    start = time.perf_counter()
+    done = (run / "train_summary.json").exists() and (run / "eval" / "metrics.json").exists() \
+        and (run / "eval_val" / "metrics.json").exists()
+    if not done:
+        cfg = load_config(params, {**arm.overrides(), **extra, "run_dir": str(run)})
+        train(cfg, log=lambda *a: None)
+        evaluate_run(run, split="val", n_boot=n_boot, topj=topj, figures=False, name="eval_val")
+        evaluate_run(run, split="test", n_boot=n_boot, topj=topj, figures=False)
+    seconds = time.perf_counter() - start
+    log(f"  {arm.name}: {seconds:.0f} s" + (" (already done)" if done else ""))
+    return seconds
+
+
+def _val_score(run: Path) -> float:
+    m = json.loads((run / "eval_val" / "metrics.json").read_text())
+    return m["zero_shot"]["patient"]["balanced_accuracy"]["value"]
+
+
+def run_study(params: str = "study", log=print, runs_root: str | Path | None = None, out: str | Path | None = None,
+              summary_dir: str | Path | None = None) -> Path:
+    """Run the three stages; runs go to ``runs/<name>``, the report to ``reports/<name>`` and a copy of it to
+    ``reports/summary/<name>`` unless other folders are given."""
+    P = load_params(params)
+    name = P["name"]
+    base = load_config(params)
+    ev = P.get("evaluation", {})
+    n_boot, topj = int(ev.get("bootstrap", 1000)), tuple(ev.get("topj", (1, 3)))
+    root = Path(runs_root) if runs_root else resolve(f"runs/{name}")
+    out = Path(out) if out else project_root() / "reports" / name
+    out.mkdir(parents=True, exist_ok=True)
+    default_arm = ablation.Arm(base.scale_mode, base.aggregator, True, base.seed, base.scale_attention)
+    timings, start = {}, time.perf_counter()
+
+    # 1. hyper-parameters on validation
+    chosen, hp_rows = {}, []
+    for key, values in (P.get("hp_search") or {}).items():
+        log(f"hyper-parameter {key}: {values} (validation, {default_arm.variant}, seed {base.seed})")
+        scores = {}
+        for value in values:
+            for arm in (default_arm, default_arm.partner()):
+                run = root / "hp" / f"{key}={value}" / arm.name
+                timings[f"hp {key}={value} {arm.name}"] = _train_and_evaluate(
+                    params, arm, run, n_boot, topj, {**chosen, key: value}, log)
+                hp_rows.append({"parameter": key, "value": value, "arm": arm.group, "val bal. acc.": _val_score(run)})
+            scores[value] = sum(r["val bal. acc."] for r in hp_rows[-2:]) / 2
+        chosen[key] = max(scores, key=scores.get)
+        log(f"  chosen {key}={chosen[key]} (mean validation balanced accuracy {scores[chosen[key]]:.3f})")
+
+    # 2. the grid
+    arms = ablation.grid(P.get("ablations", {}), base.to_dict())
+    log(f"grid: {len(arms)} runs")
+    runs = {}
+    for arm in arms:
+        runs[arm] = root / arm.name
+        timings[arm.name] = _train_and_evaluate(params, arm, runs[arm], n_boot, topj, chosen, log)
+
+    # 3. the default variant, chosen on validation
+    val = pd.DataFrame([{"variant": a.variant, "scale": "aware" if a.scale_embed else "blind", "seed": a.seed,
+                         "val bal. acc.": _val_score(r)} for a, r in runs.items()])
+    val_means = val.groupby(["variant", "scale"])["val bal. acc."].mean().unstack()
+    default_variant = val_means["aware"].idxmax()
+    log(f"default variant on validation: {default_variant}")
+
+    table = ablation.run_table(runs)
+    diffs = ablation.paired_differences(runs, n_boot=n_boot)
+    summary = ablation.seed_summary(table)
+    total = time.perf_counter() - start
+    write_report(out, name, table, summary, diffs, val_means, pd.DataFrame(hp_rows), chosen, default_variant,
+                 timings, total)
+    ablation.ablation_figure(table, diffs, default_variant, out / "study.png")
+    dest = Path(summary_dir) if summary_dir else project_root() / "reports" / "summary" / name
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ("study.md", "study.json", "study.png"):
+        shutil.copy2(out / f, dest / f)
+    log(f"study done in {total / 60:.1f} min: {out / 'study.md'} (summary copied to {dest})")
+    return out
+
+
+def headline(diffs: pd.DataFrame, variant: str) -> pd.DataFrame:
+    """The pooled-over-seeds paired differences of one variant."""
+    rows = diffs[(diffs.variant == variant) & (diffs.seed == "pooled")]
+    return rows[["metric", "aware", "blind", "aware − blind", "95% CI", "p(diff ≤ 0)", "patients"]]
+
+
+def write_report(out: Path, name: str, table, summary, diffs, val_means, hp, chosen, default_variant, timings,
+                 total) -> None:
+    head = headline(diffs, default_variant)
+    md = [f"# Scale study `{name}`: does the scale embedding help?", "",
+          f"Default variant (best validation zero-shot balanced accuracy of the aware arm): **{default_variant}**.",
+          f"Hyper-parameters chosen on validation: {chosen or 'none searched'}. Wall time {total / 60:.1f} min.", "",
+          "## Headline: scale-aware − scale-blind on the test patients (default variant, pooled over seeds)", "",
+          head.round(3).to_markdown(index=False), "",
+          "## Every variant, pooled over seeds", "",
+          diffs[diffs.seed == "pooled"].drop(columns=["seed", "ci_low", "ci_high"]).round(3).to_markdown(index=False),
+          "", "## Per arm: mean ± sd over seeds (test split)", "", summary.to_markdown(), "",
+          "## Per run (arms x seeds, test split)", "", table.round(3).to_markdown(), "",
+          "## Per seed paired differences", "",
+          diffs[diffs.seed != "pooled"].drop(columns=["ci_low", "ci_high"]).round(3).to_markdown(index=False), "",
+          "## Selection on the validation split", "", "Zero-shot balanced accuracy, mean over seeds:", "",
+          val_means.round(3).to_markdown(), ""]
+    if len(hp):
+        md += ["Hyper-parameter search (seed 0, default variant):", "", hp.round(3).to_markdown(index=False), ""]
+    (out / "study.md").write_text("\n".join(md))
+    record = {"name": name, "default_variant": default_variant, "chosen_hyperparameters": chosen,
+              "wall_time_seconds": round(total, 1), "headline": json.loads(head.to_json(orient="records")),
+              "paired_differences": json.loads(diffs.to_json(orient="records")),
+              "per_run": json.loads(table.reset_index().to_json(orient="records")),
+              "validation": json.loads(val_means.reset_index().to_json(orient="records")),
+              "hp_search": json.loads(hp.to_json(orient="records")) if len(hp) else [],
+              "timings_seconds": {k: round(v, 1) for k, v in timings.items()}}
+    (out / "study.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m emclip.study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("params", nargs="?", default="study", help="parameter set (params/NAME.yaml), default study")
+    args = parser.parse_args(argv)
+    run_study(args.params)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

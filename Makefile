@@ -10,11 +10,12 @@ DATA ?= data/demo_cohort
 export OMP_WAIT_POLICY ?= PASSIVE
 PATIENTS ?= 500
 
-.PHONY: help install test test-fast demo cohort figures lab bench bench-smoke clean
+.PHONY: help install test test-fast demo study cohort figures lab bench bench-smoke clean
 
 help:
 	@echo "make demo     install, generate the embedded cohort and run notebooks 01-05 into reports/demo/"
 	@echo "make test     install and run the test suite (pytest + notebook validation)"
+	@echo "make study    the scale study: 3,000 patients, every arm x 3 seeds (~1 h on 2 cores) -> reports/study/"
 	@echo "make cohort   only generate the embedded cohort into $(DATA)"
 	@echo "make lab      start JupyterLab with the project's kernel"
 	@echo "make bench    run every benchmark (~5 min on 2 cores) -> reports/benchmarks/benchmarks.{md,json}"
@@ -49,6 +50,10 @@ figures: install cohort
 # the whole study on the embedded cohort: notebooks 01 -> 05 with params/demo.yaml into reports/demo/
 demo: install
 	$(PY) -m emclip.pipeline demo
+
+# the decisive scale study (docs/study.md): generates data/study_cohort on first use, resumes finished arms
+study: install
+	$(PY) -m emclip.study study
 
 lab: install
 	$(PY) -m ipykernel install --user --name emclip --display-name "Python (emclip)"

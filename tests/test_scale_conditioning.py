@@ -184,3 +184,23 @@ def test_interaction_capacity(mode, aware, attention, aggregator, learns):
         assert accuracy >= 0.95, accuracy
     else:
         assert accuracy <= 0.65, accuracy
+
+
+@pytest.mark.slow
+def test_scale_in_trunk_trains_end_to_end_and_evaluates(tmp_path, tiny_cohort):
+    """The ViT-token mode through the real training loop (mode=e2e) and the evaluation that reads the run."""
+    import json
+
+    from emclip.pipeline import evaluate_run
+    from emclip.train import load_config, train
+    run = tmp_path / 'run'
+    cfg = load_config('ci', dict(data_dir=str(tiny_cohort), run_dir=str(run), cache_dir=str(tmp_path / 'cache'),
+                                 model='tiny_vit', mode='e2e', scale_mode='trunk', batch_size=4, epochs=1,
+                                 max_instances=3))
+    train(cfg)
+    params = json.loads((run / 'run_info.json').read_text())['parameters']
+    assert params['scale_embed'] > 0
+    metrics = evaluate_run(run, n_boot=10, figures=False)
+    assert metrics['n_patients'] == 3 and 0 <= metrics['zero_shot']['patient']['roc_auc_macro_ovr']['value'] <= 1
+    with pytest.raises(ValueError, match='mode=e2e'):
+        load_config('ci', dict(scale_mode='trunk'))

@@ -17,7 +17,8 @@ def test_study_runs_selects_on_validation_and_reports(tmp_path, tiny_cohort):
     params['hp_search'] = {'lr': [0.001, 0.003]}
     params['ablations'] = {'scale_mode': ['film'], 'aggregator': ['mean'], 'scale_embed': [True, False],
                            'seeds': [0, 1]}
-    params['evaluation']['bootstrap'] = 20
+    params["evaluation"]["bootstrap"] = 20
+    params["study"] = {"workers": 2}
     path = tmp_path / 'ci_study.yaml'
     path.write_text(yaml.safe_dump(params))
     out, summary = tmp_path / 'report', tmp_path / 'summary'

@@ -38,9 +38,12 @@ def _train_and_evaluate(job: tuple) -> float:
     of one tuple, so a process pool can run it."""
     params, arm, run, n_boot, topj, extra, threads = job
     start = time.perf_counter()
-    if threads:   # one thread per worker: two small runs side by side beat one run on two threads
+    if threads:   # a worker process: one thread, and no progress bars interleaved with the other workers'
+        import sys
+
         import torch
         torch.set_num_threads(threads)
+        sys.stderr = open(os.devnull, "w")
     cfg = load_config(params, {**arm.overrides(), **extra, "run_dir": str(run)})
     train(cfg, log=lambda *a: None)
     # validation only needs the point estimates that select; test gets the full bootstrap
@@ -67,7 +70,6 @@ def _run_jobs(jobs: list[tuple], workers: int, log) -> list[float]:
     elif todo:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
-        os.environ.setdefault("TQDM_DISABLE", "1")    # interleaved bars from several processes help nobody
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
             futures = {pool.submit(_train_and_evaluate, j[:-1] + (1,)): j for j in todo}
             for f in as_completed(futures):

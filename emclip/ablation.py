@@ -195,6 +195,25 @@ def paired_differences(runs: dict[Arm, Path], n_boot: int = 1000, seed: int = 0,
     return pd.DataFrame(rows)
 
 
+def pair_confusion_cost(runs: dict[Arm, Path]) -> pd.DataFrame:
+    """Balanced accuracy each run loses to within-pair confusions (a twin predicted as its partner): the most that
+    resolving the pairs, and nothing else, could add. Mean ± sd over seeds per arm group."""
+    rows = []
+    for arm, run in runs.items():
+        m, f = _metrics(run), _predictions(run)
+        f = f[f.diagnosis != ""]
+        partner = {}
+        for b in m["zero_shot"].get("pairs", {}).values():
+            partner.update({b["a"]: b["b"], b["b"]: b["a"]})
+        support = f.diagnosis.value_counts()
+        confused = f[f.diagnosis.map(partner).fillna("") == f.patient_pred].diagnosis.value_counts()
+        cost = sum(confused[c] / support[c] for c in confused.index) / len(m["classes"])
+        rows.append({"mode": arm.variant.rsplit("-", 1)[0], "aggregator": arm.aggregator,
+                     "scale": "aware" if arm.scale_embed else "blind", "bal. acc. lost to pair confusions": cost})
+    g = pd.DataFrame(rows).groupby(["mode", "aggregator", "scale"], sort=False)["bal. acc. lost to pair confusions"]
+    return pd.DataFrame({"mean": g.mean(), "sd": g.std(ddof=1), "seeds": g.size()})
+
+
 def seed_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Mean ± sd over seeds of the numeric per-run columns, one row per arm group (mode, aggregator, scale)."""
     numeric = table.select_dtypes("number").drop(columns=["seed"])

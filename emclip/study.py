@@ -135,9 +135,10 @@ def run_study(params: str = "study", log=print, runs_root: str | Path | None = N
     table = ablation.run_table(runs)
     diffs = ablation.paired_differences(runs, n_boot=n_boot)
     summary = ablation.seed_summary(table)
+    cost = ablation.pair_confusion_cost(runs)
     total = time.perf_counter() - start
     write_report(out, name, table, summary, diffs, val_means, pd.DataFrame(hp_rows), chosen, default_variant,
-                 timings, total)
+                 timings, total, cost)
     ablation.ablation_figure(table, diffs, default_variant, out / "study.png")
     dest = Path(summary_dir) if summary_dir else project_root() / "reports" / "summary" / name
     dest.mkdir(parents=True, exist_ok=True)
@@ -154,13 +155,17 @@ def headline(diffs: pd.DataFrame, variant: str) -> pd.DataFrame:
 
 
 def write_report(out: Path, name: str, table, summary, diffs, val_means, hp, chosen, default_variant, timings,
-                 total) -> None:
+                 total, cost=None) -> None:
     head = headline(diffs, default_variant)
     md = [f"# Scale study `{name}`: does the scale embedding help?", "",
           f"Default variant (best validation zero-shot balanced accuracy of the aware arm): **{default_variant}**.",
           f"Hyper-parameters chosen on validation: {chosen or 'none searched'}. Wall time {total / 60:.1f} min.", "",
           "## Headline: scale-aware − scale-blind on the test patients (default variant, pooled over seeds)", "",
           head.round(3).to_markdown(index=False), "",
+          "## What the pairs can add",  "",
+          "Balanced accuracy (10 classes) each arm loses to within-pair confusions (a twin predicted as its partner), "
+          "mean and sd over seeds: the most that resolving the confusable pairs, and nothing else, could add.", "",
+          cost.round(3).to_markdown() if cost is not None else "", "",
           "## Every variant, pooled over seeds", "",
           diffs[diffs.seed == "pooled"].drop(columns=["seed", "ci_low", "ci_high"]).round(3).to_markdown(index=False),
           "", "## Per arm: mean ± sd over seeds (test split)", "", summary.to_markdown(), "",
@@ -178,6 +183,8 @@ def write_report(out: Path, name: str, table, summary, diffs, val_means, hp, cho
               "per_run": json.loads(table.reset_index().to_json(orient="records")),
               "validation": json.loads(val_means.reset_index().to_json(orient="records")),
               "hp_search": json.loads(hp.to_json(orient="records")) if len(hp) else [],
+              "pair_confusion_cost": json.loads(cost.reset_index().to_json(orient="records")) if cost is not None
+              else [],
               "timings_seconds": {k: round(v, 1) for k, v in timings.items()}}
     (out / "study.json").write_text(json.dumps(record, indent=2) + "\n")
 

@@ -92,3 +92,14 @@ def test_identical_arms_differ_by_zero(tmp_path):
     table = ablation.run_table(runs)
     assert list(table.scale) == ['aware', 'blind'] and 'thin/normal acc.' in table
     assert ablation.seed_summary(table).loc[('add', 'mean', 'aware'), 'seeds'] == 1
+
+
+def test_pair_confusion_cost_counts_twin_to_partner_errors_only(tmp_path):
+    # 6 patients, 2 per class; one 'thin' patient called 'normal' (a pair confusion), one 'amyloidosis' called
+    # 'normal' (not a pair confusion: amyloidosis is not in this cohort's pair)
+    y = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 0, 0, 1, 0, 2])
+    probs = np.eye(3)[pred] * 0.9 + 0.05
+    runs = {a: _fake_run(tmp_path, a, y, probs) for a in (Arm('add', 'mean', True), Arm('add', 'mean', False))}
+    cost = ablation.pair_confusion_cost(runs)
+    assert cost.loc[('add', 'mean', 'aware'), 'mean'] == pytest.approx((1 / 2) / 3)

@@ -49,17 +49,27 @@ def _train_and_evaluate(job: tuple) -> float:
     # validation only needs the point estimates that select; test gets the full bootstrap
     evaluate_run(run, split="val", n_boot=min(n_boot, 200), topj=topj, figures=False, name="eval_val")
     evaluate_run(run, split="test", n_boot=n_boot, topj=topj, figures=False)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    (run / "study_seconds.json").write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
+    return seconds
+
+
+def _recorded_seconds(run: Path) -> float:
+    """The training + evaluation time recorded when a finished run was made (0 when not recorded)."""
+    path = run / "study_seconds.json"
+    return float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
 
 
 def _finished(run: Path) -> bool:
     return all((run / f).exists() for f in ("train_summary.json", "eval/metrics.json", "eval_val/metrics.json"))
 
 
-def _run_jobs(jobs: list[tuple], workers: int, log) -> list[float]:
-    """Run (params, arm, run, ...) jobs, ``workers`` at a time; finished runs are skipped (resume)."""
+def _run_jobs(jobs: list[tuple], workers: int, log, trained: list) -> list[float]:
+    """Run (params, arm, run, ...) jobs, ``workers`` at a time; finished runs are skipped (resume) and the number
+    trained is added to ``trained[0]``."""
     todo = [j for j in jobs if not _finished(j[2])]
-    seconds = {str(j[2]): 0.0 for j in jobs if _finished(j[2])}
+    trained[0] += len(todo)
+    seconds = {str(j[2]): _recorded_seconds(j[2]) for j in jobs if _finished(j[2])}
     for j in jobs:
         if _finished(j[2]):
             log(f"  {j[1].name}: already done")
@@ -75,7 +85,7 @@ def _run_jobs(jobs: list[tuple], workers: int, log) -> list[float]:
             for f in as_completed(futures):
                 j = futures[f]
                 seconds[str(j[2])] = f.result()
-                log(f"  {j[1].name}: {seconds[str(j[2])]:.0f} s ({len([x for x in seconds.values() if x])}/"
+                log(f"  {j[1].name}: {seconds[str(j[2])]:.0f} s ({sum(str(t[2]) in seconds for t in todo)}/"
                     f"{len(todo)} done)")
     return [seconds[str(j[2])] for j in jobs]
 
@@ -99,7 +109,7 @@ def run_study(params: str = "study", log=print, runs_root: str | Path | None = N
     out = Path(out) if out else project_root() / "reports" / name
     out.mkdir(parents=True, exist_ok=True)
     default_arm = ablation.Arm(base.scale_mode, base.aggregator, True, base.seed, base.scale_attention)
-    timings, start = {}, time.perf_counter()
+    timings, start, trained = {}, time.perf_counter(), [0]
 
     # 1. hyper-parameters on validation
     chosen, hp_rows = {}, []
@@ -108,7 +118,7 @@ def run_study(params: str = "study", log=print, runs_root: str | Path | None = N
         pair = (default_arm, default_arm.partner())
         jobs = [(params, arm, root / "hp" / f"{key}={value}" / arm.name, n_boot, topj, {**chosen, key: value}, 0)
                 for value in values for arm in pair]
-        for job, sec in zip(jobs, _run_jobs(jobs, workers, log)):
+        for job, sec in zip(jobs, _run_jobs(jobs, workers, log, trained)):
             timings[f"hp {job[2].parent.name} {job[1].name}"] = sec
             hp_rows.append({"parameter": key, "value": job[5][key], "arm": job[1].group,
                             "val bal. acc.": _val_score(job[2])})
@@ -122,7 +132,7 @@ def run_study(params: str = "study", log=print, runs_root: str | Path | None = N
     log(f"grid: {len(arms)} runs")
     runs = {arm: root / arm.name for arm in arms}
     jobs = [(params, arm, runs[arm], n_boot, topj, chosen, 0) for arm in arms]
-    for arm, sec in zip(arms, _run_jobs(jobs, workers, log)):
+    for arm, sec in zip(arms, _run_jobs(jobs, workers, log, trained)):
         timings[arm.name] = sec
 
     # 3. the default variant, chosen on validation
@@ -132,11 +142,11 @@ def run_study(params: str = "study", log=print, runs_root: str | Path | None = N
     default_variant = val_means["aware"].idxmax()
     log(f"default variant on validation: {default_variant}")
 
+    total = _accumulate_wall_time(root, time.perf_counter() - start, trained=trained[0] > 0)
     table = ablation.run_table(runs)
     diffs = ablation.paired_differences(runs, n_boot=n_boot)
     summary = ablation.seed_summary(table)
     cost = ablation.pair_confusion_cost(runs)
-    total = time.perf_counter() - start
     write_report(out, name, table, summary, diffs, val_means, pd.DataFrame(hp_rows), chosen, default_variant,
                  timings, total, cost)
     ablation.ablation_figure(table, diffs, default_variant, out / "study.png")
@@ -146,6 +156,18 @@ def run_study(params: str = "study", log=print, runs_root: str | Path | None = N
         shutil.copy2(out / f, dest / f)
     log(f"study done in {total / 60:.1f} min: {out / 'study.md'} (summary copied to {dest})")
     return out
+
+
+def _accumulate_wall_time(root: Path, seconds: float, trained: bool) -> float:
+    """Wall time of the study summed over the invocations that trained runs (a resumed study adds its own; a
+    report-only invocation adds nothing), kept in ``<runs>/study_wall_time.json``."""
+    path = root / "study_wall_time.json"
+    total = float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
+    if trained:
+        total += seconds
+        root.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"seconds": round(total, 1)}) + "\n")
+    return total
 
 
 def headline(diffs: pd.DataFrame, variant: str) -> pd.DataFrame:
@@ -159,7 +181,9 @@ def write_report(out: Path, name: str, table, summary, diffs, val_means, hp, cho
     head = headline(diffs, default_variant)
     md = [f"# Scale study `{name}`: does the scale embedding help?", "",
           f"Default variant (best validation zero-shot balanced accuracy of the aware arm): **{default_variant}**.",
-          f"Hyper-parameters chosen on validation: {chosen or 'none searched'}. Wall time {total / 60:.1f} min.", "",
+          f"Hyper-parameters chosen on validation: {chosen or 'none searched'}. Wall time {total / 60:.1f} min "
+          f"(training and evaluating {len(table)} grid runs and {len(hp)} search runs, summed over the invocations "
+          f"that trained; per-run times in study.json).", "",
           "## Headline: scale-aware − scale-blind on the test patients (default variant, pooled over seeds)", "",
           head.round(3).to_markdown(index=False), "",
           "## What the pairs can add",  "",
@@ -175,7 +199,8 @@ def write_report(out: Path, name: str, table, summary, diffs, val_means, hp, cho
           "## Selection on the validation split", "", "Zero-shot balanced accuracy, mean over seeds:", "",
           val_means.round(3).to_markdown(), ""]
     if len(hp):
-        md += ["Hyper-parameter search (seed 0, default variant):", "", hp.round(3).to_markdown(index=False), ""]
+        md += ["Hyper-parameter search (seed 0, default variant):", "",
+               hp.astype({"value": str}).round(3).to_markdown(index=False), ""]
     (out / "study.md").write_text("\n".join(md))
     record = {"name": name, "default_variant": default_variant, "chosen_hyperparameters": chosen,
               "wall_time_seconds": round(total, 1), "headline": json.loads(head.to_json(orient="records")),

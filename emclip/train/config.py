@@ -29,9 +29,10 @@ class TrainConfig:
     model: str = "efficientnet_lite0_minilm"  # name of emclip/configs/models/*.json, or a path to a JSON config
     scale_embed: bool = True                 # False: the scale-blind baseline, everything else equal
     scale_encoding: str = "sincos"
-    scale_mode: str = "film"                 # where the scale enters: add | film | mlp | trunk (ViT, e2e only)
+    scale_mode: str = "mlp"                  # where the scale enters: add | film | mlp | trunk (ViT, e2e only);
+    #                                          mlp + mean pooling was chosen on validation by the study (docs/study.md)
     scale_attention: bool = False            # also condition the gated-attention scorer on the scale
-    aggregator: str = "gated_attention"
+    aggregator: str = "mean"
     loss: str = "clip"                       # "clip" (InfoNCE) or "siglip"
     lock_text: bool = True                   # freeze the text transformer; its projection still trains
     # training

@@ -214,8 +214,8 @@ def pair_table(metrics: dict) -> pd.DataFrame:
     for name, block in metrics["zero_shot"].get("pairs", {}).items():
         row = {"patients": block["n"]}
         for key in ("accuracy", "balanced_accuracy", "roc_auc"):
-            if key in block:
-                row[key], row[f"{key} 95% CI"] = block[key]["value"], _fmt_ci(block[key])
+            if key in block:   # rounded here: a column mixing numbers and CI strings ignores DataFrame.round
+                row[key], row[f"{key} 95% CI"] = round(block[key]["value"], 3), _fmt_ci(block[key])
         rows[name] = row
     return pd.DataFrame(rows).T
 

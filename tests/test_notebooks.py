@@ -78,3 +78,17 @@ def test_pipeline_on_a_users_cohort_with_other_diagnoses(tmp_path):
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["classes"] == ["granular pattern", "smooth pattern", "striped pattern"]
     assert metrics["n_patients"] > 0 and metrics["zero_shot"]["patient"]["n"] == metrics["n_patients"]
+
+
+@pytest.mark.parametrize("notebook", sorted(p.name for p in (REPO / "notebooks").glob("[0-9]*.ipynb")))
+def test_papermill_parses_every_parameter(notebook):
+    """A parameter papermill cannot parse (e.g. a comment it misreads) is injected as 'unknown' with a warning in
+    every report: each assignment of the parameters cell must come back from papermill's own inspector."""
+    import re
+
+    import nbformat
+    import papermill
+    nb = nbformat.read(str(REPO / "notebooks" / notebook), as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    assigned = set(re.findall(r"^(\w+)\s*=", cell.source, flags=re.M))
+    assert assigned and set(papermill.inspect_notebook(str(REPO / "notebooks" / notebook))) == assigned

@@ -90,6 +90,26 @@ def _run_jobs(jobs: list[tuple], workers: int, log, trained: list) -> list[float
     return [seconds[str(j[2])] for j in jobs]
 
 
+def _prepare_shared(params: str, seeds, log) -> None:
+    """Generate the cohort and build the feature and text caches once, here, before worker processes share them
+    (two workers building the same cache at once would race). Random trunks differ by seed, so each seed's trunk
+    gets its cache; a pretrained trunk is one cache for all."""
+    from .train.cache import build_feature_cache
+    from .train.loop import build_run_model
+    from .train.runinfo import ensure_cohort
+    from .train.text_cache import TextFeatures
+    cohort = None
+    for seed in sorted(set(seeds)):
+        cfg = load_config(params, {"seed": seed})
+        cohort = cohort if cohort is not None else ensure_cohort(cfg, log=log)
+        model = build_run_model(cfg)
+        if cfg.mode == "cache":
+            build_feature_cache(model, cohort, cfg.cache_path, batch_size=cfg.eval_batch_size,
+                                num_workers=cfg.num_workers, log=log)
+        if cfg.lock_text:
+            TextFeatures.build(model, cohort, cfg.eval_batch_size, cfg.cache_path)
+
+
 def _val_score(run: Path) -> float:
     m = json.loads((run / "eval_val" / "metrics.json").read_text())
     return m["zero_shot"]["patient"]["balanced_accuracy"]["value"]
@@ -111,6 +131,9 @@ def run_study(params: str = "study", log=print, runs_root: str | Path | None = N
     default_arm = ablation.Arm(base.scale_mode, base.aggregator, True, base.seed, base.scale_attention)
     timings, start, trained = {}, time.perf_counter(), [0]
 
+    arms = ablation.grid(P.get("ablations", {}), base.to_dict())
+    _prepare_shared(params, [base.seed] + [a.seed for a in arms], log)
+
     # 1. hyper-parameters on validation
     chosen, hp_rows = {}, []
     for key, values in (P.get("hp_search") or {}).items():
@@ -128,7 +151,6 @@ def run_study(params: str = "study", log=print, runs_root: str | Path | None = N
         log(f"  chosen {key}={chosen[key]} (mean validation balanced accuracy {scores[chosen[key]]:.3f})")
 
     # 2. the grid
-    arms = ablation.grid(P.get("ablations", {}), base.to_dict())
     log(f"grid: {len(arms)} runs")
     runs = {arm: root / arm.name for arm in arms}
     jobs = [(params, arm, runs[arm], n_boot, topj, chosen, 0) for arm in arms]

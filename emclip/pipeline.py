@@ -215,7 +215,9 @@ def pair_table(metrics: dict) -> pd.DataFrame:
         row = {"patients": block["n"]}
         for key in ("accuracy", "balanced_accuracy", "roc_auc"):
             if key in block:   # rounded here: a column mixing numbers and CI strings ignores DataFrame.round
-                row[key], row[f"{key} 95% CI"] = round(block[key]["value"], 3), _fmt_ci(block[key])
+                value = block[key]["value"]     # None when undefined (e.g. an AUC with one class present)
+                row[key] = round(value, 3) if value is not None else float("nan")
+                row[f"{key} 95% CI"] = _fmt_ci(block[key])
         rows[name] = row
     return pd.DataFrame(rows).T
 

@@ -329,3 +329,14 @@ def test_within_pair_metrics_by_hand():
     assert ('thin basement membrane nephropathy', 'normal') in generator_pairs()
     assert pairs_in(RENAL[:4]) == [('thin basement membrane nephropathy', 'normal')]
     assert pairs_in(['normal', 'x']) == []
+
+
+def test_pair_table_rounds_and_tolerates_undefined_values():
+    from emclip import pipeline
+    ci = {'value': 0.123456, 'ci_low': 0.1, 'ci_high': 0.2}
+    undefined = {'value': None, 'ci_low': None, 'ci_high': None}
+    metrics = {'zero_shot': {'pairs': {'a vs b': {'n': 3, 'accuracy': ci, 'balanced_accuracy': ci,
+                                                  'roc_auc': undefined}}}}
+    table = pipeline.pair_table(metrics)
+    assert table.loc['a vs b', 'accuracy'] == 0.123 and np.isnan(table.loc['a vs b', 'roc_auc'])
+    assert table.loc['a vs b', 'roc_auc 95% CI'] == ''

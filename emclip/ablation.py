@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .evaluation.pairs import pair_name
+from .metrics import balanced_accuracy
 
 HEADLINE = "zero-shot bal. acc."
 
@@ -35,7 +36,12 @@ class Arm:
     @property
     def variant(self) -> str:
         """Mode and aggregator, without awareness or seed: what an aware arm is compared within."""
-        return f"{self.scale_mode}{'+attn' if self.scale_attention else ''}-{self.aggregator}"
+        return f"{self.mode_label}-{self.aggregator}"
+
+    @property
+    def mode_label(self) -> str:
+        """The scale mode, with ``+attn`` when the scale also conditions the attention scorer."""
+        return f"{self.scale_mode}{'+attn' if self.scale_attention else ''}"
 
     @property
     def group(self) -> str:
@@ -93,7 +99,7 @@ def run_table(runs: dict[Arm, Path]) -> pd.DataFrame:
     for arm, run in runs.items():
         m = _metrics(run)
         zs = m["zero_shot"]["patient"]
-        row = {"arm": arm.name, "mode": arm.variant.rsplit("-", 1)[0], "aggregator": arm.aggregator,
+        row = {"arm": arm.name, "mode": arm.mode_label, "aggregator": arm.aggregator,
                "scale": "aware" if arm.scale_embed else "blind", "seed": arm.seed,
                "zero-shot AUC": zs["roc_auc_macro_ovr"]["value"],
                "zero-shot AUC 95% CI": _fmt_ci(zs["roc_auc_macro_ovr"]["ci_low"], zs["roc_auc_macro_ovr"]["ci_high"]),
@@ -126,14 +132,6 @@ def _predictions(run: Path) -> pd.DataFrame:
     return pd.read_csv(Path(run) / "eval" / "predictions.csv", keep_default_na=False)
 
 
-def _balanced_accuracy(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
-    """Mean recall over the classes present in y (scikit-learn's definition), vectorised for the bootstrap."""
-    support = np.bincount(y, minlength=n_classes)
-    hits = np.bincount(y[pred == y], minlength=n_classes)
-    present = support > 0
-    return float((hits[present] / support[present]).mean())
-
-
 def _statistics(frames: list[pd.DataFrame], classes: list[str], pairs: list[tuple[str, str]]):
     """Per run, callables of patient indices: zero-shot balanced accuracy and within-pair accuracy per pair."""
     index = {c: i for i, c in enumerate(classes)}
@@ -142,7 +140,7 @@ def _statistics(frames: list[pd.DataFrame], classes: list[str], pairs: list[tupl
     for f in frames:
         probs = f[[f"patient_p[{c}]" for c in classes]].to_numpy(float)
         pred = probs.argmax(1)
-        per = {"zero-shot bal. acc.": lambda idx, pred=pred: _balanced_accuracy(y[idx], pred[idx], len(classes))}
+        per = {"zero-shot bal. acc.": lambda idx, pred=pred: balanced_accuracy(y[idx], pred[idx], len(classes))}
         for a, b in pairs:
             ia, ib = index[a], index[b]
             member = (y == ia) | (y == ib)
@@ -208,7 +206,7 @@ def pair_confusion_cost(runs: dict[Arm, Path]) -> pd.DataFrame:
         support = f.diagnosis.value_counts()
         confused = f[f.diagnosis.map(partner).fillna("") == f.patient_pred].diagnosis.value_counts()
         cost = sum(confused[c] / support[c] for c in confused.index) / len(m["classes"])
-        rows.append({"mode": arm.variant.rsplit("-", 1)[0], "aggregator": arm.aggregator,
+        rows.append({"mode": arm.mode_label, "aggregator": arm.aggregator,
                      "scale": "aware" if arm.scale_embed else "blind", "bal. acc. lost to pair confusions": cost})
     g = pd.DataFrame(rows).groupby(["mode", "aggregator", "scale"], sort=False)["bal. acc. lost to pair confusions"]
     return pd.DataFrame({"mean": g.mean(), "sd": g.std(ddof=1), "seeds": g.size()})

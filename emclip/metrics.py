@@ -240,6 +240,11 @@ def _scores_from_confusion(cm: np.ndarray) -> dict[str, float]:
     }
 
 
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Mean recall over the classes present in ``y_true`` (scikit-learn's definition), for bootstrap loops."""
+    return _scores_from_confusion(_confusion(np.asarray(y_true), np.asarray(y_pred), n_classes))['balanced_accuracy']
+
+
 def _to_indices(y_true, class_names: Sequence[str]) -> np.ndarray:
     y = np.asarray(y_true)
     if y.dtype.kind in 'iu':

@@ -370,12 +370,12 @@ def test_cli_writes_a_labels_table(tmp_path, capsys):
                   "report": ["No deposits but thin GBM. DIAGNOSIS: TBMN.", "Cannot exclude amyloid.", "Fibrils."],
                   "diagnosis": ["thin basement membrane nephropathy", "amyloidosis", "normal"]}
                  ).to_csv(src, index=False)
-    assert labels_main([str(src), "--vocab", "renal"]) == 0
+    assert labels_main([str(src), "--vocab", "renal", "--out", str(tmp_path / "labels.csv")]) == 0
     out = capsys.readouterr().out
     assert "accuracy 0.667 (2/3)" in out
     lines = (tmp_path / "labels.csv").read_text().splitlines()
     header = lines[0].split(",")
-    assert header[:2] == ["patient_id", "primary_diagnosis"]
+    assert header[:3] == ["patient_id", "primary_diagnosis", "primary_value"]
     row = dict(zip(header, lines[2].split(",")))
     assert row["amyloidosis"] == "-1" and row["electron-dense deposits"] == "" and row["patient_id"] == "P2"
     row = dict(zip(header, lines[1].split(",")))
@@ -387,17 +387,17 @@ def test_cli_writes_a_labels_table(tmp_path, capsys):
 def test_cli_errors_name_the_file_and_row(tmp_path, capsys):
     src = tmp_path / "reports.csv"
     pd.DataFrame({"patient_id": ["P1", "P2"], "text": ["a", "b"]}).to_csv(src, index=False)
-    assert labels_main([str(src)]) == 2
+    assert labels_main([str(src), "--out", str(tmp_path / "o.csv")]) == 2
     err = capsys.readouterr().err
     assert str(src) in err and "missing required column(s) 'report'" in err
     pd.DataFrame({"patient_id": ["P1", "P2", "P3"], "report": ["No deposits.", "  ", ""]}).to_csv(src, index=False)
-    assert labels_main([str(src)]) == 2
+    assert labels_main([str(src), "--out", str(tmp_path / "o.csv")]) == 2
     err = capsys.readouterr().err
     assert "row 2 (patient_id P2)" in err and "row 3 (patient_id P3)" in err and "empty 'report'" in err
-    assert labels_main([str(tmp_path / "missing.csv")]) == 2
+    assert labels_main([str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o.csv")]) == 2
     assert "file not found" in capsys.readouterr().err
     pd.DataFrame({"patient_id": ["P1"], "report": ["x"]}).to_csv(src, index=False)
-    assert labels_main([str(src), "--vocab", str(tmp_path / "nope.yaml")]) == 2
+    assert labels_main([str(src), "--vocab", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o.csv")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
 
 

@@ -1,4 +1,4 @@
-"""``python -m emclip.labels REPORTS.csv --vocab renal|chexpert|PATH [--out labels.csv]``
+"""``python -m emclip.labels REPORTS.csv --vocab renal|chexpert|PATH --out labels.csv [--uncertain keep]``
 
 Writes a labels table: the id column (``patient_id`` by default), ``primary_diagnosis``, then one column per label
 with 1 (positive), 0 (negative), -1 (uncertain) or empty (not mentioned), as in CheXpert's CSV files. If the input
@@ -52,11 +52,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reports", type=Path, help="reports table (CSV or Parquet) with id and report columns")
     parser.add_argument("--vocab", default="renal", help="'renal', 'chexpert' or a path to a vocabulary YAML file")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output CSV (default: labels.csv beside the reports table)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output CSV (required: nothing is written beside your reports unless you ask)")
     parser.add_argument("--text-column", default="report", help="column holding the report text (default: report)")
     parser.add_argument("--id-column", default="patient_id",
                         help="id column copied to the output (default: patient_id)")
+    parser.add_argument("--uncertain", choices=["keep", "positive", "negative"], default="keep",
+                        help="code uncertain mentions in the label columns as -1 (keep, default), 1 or 0; "
+                             "primary_value always keeps -1 for a hedged diagnosis")
     parser.add_argument("--truth-column", default="diagnosis",
                         help="reference diagnosis column; agreement is printed when present (default: diagnosis)")
     args = parser.parse_args(argv)
@@ -66,16 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     except (VocabError, LabelInputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    table = labeler.label_frame(reports, args.text_column, keep=(args.id_column,))
-    out = args.out or args.reports.with_name("labels.csv")
+    table = labeler.label_frame(reports, args.text_column, keep=(args.id_column,), uncertain=args.uncertain,
+                                progress=sys.stderr.isatty())
+    out = args.out
     if out.resolve() == args.reports.resolve():
         print(f"error: refusing to overwrite the input {args.reports}; pass --out", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     n_primary = int(table["primary_diagnosis"].notna().sum())
+    n_hedged = int((table["primary_value"] == -1).sum())
     print(f"wrote {out}: {len(table)} reports x {len(labeler.labels)} labels ({labeler.vocab.name}); "
-          f"primary diagnosis found for {n_primary}/{len(table)}")
+          f"primary diagnosis found for {n_primary}/{len(table)} ({n_hedged} only hedged: primary_value -1)")
+    print(f"use it for a cohort with: labels_file: {out}  (params train: section, or -p labels_file {out})")
     if args.truth_column in reports.columns:
         print(f"\nagreement of primary_diagnosis with {args.truth_column!r}:")
         print(agreement(table, reports[args.truth_column]).summary())

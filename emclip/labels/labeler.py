@@ -24,11 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from .text import Section, clause_bounds, split_sections, split_sentences
 from .vocab import Vocabulary, load_vocab
 
 POSITIVE, UNCERTAIN, NEGATIVE = 1, -1, 0
+# How the label columns of a labels table code an uncertain mention (CheXpert's U-Ignore / U-Ones / U-Zeros).
+UNCERTAIN_CODINGS = {"keep": {}, "positive": {UNCERTAIN: POSITIVE}, "negative": {UNCERTAIN: NEGATIVE}}
 _RANK = {POSITIVE: 3, UNCERTAIN: 2, NEGATIVE: 1, None: 0}  # CheXpert's aggregation priority
 # A length: "180 nm", "8-12 nm", "8 to 12 nm", "180 ± 25 nm", "0.2 µm".
 _NUMBER = re.compile(r"(\d+(?:\.\d+)?(?:\s*(?:-|\u2013|to)\s*\d+(?:\.\d+)?)?)\s*"
@@ -57,6 +60,7 @@ class ReportLabels:
     primary: str | None
     primary_source: str
     mentions: list[Mention] = field(default_factory=list)
+    primary_value: int | None = None  # POSITIVE, or UNCERTAIN when the report only hedges it; None without one
 
 
 @dataclass
@@ -232,7 +236,7 @@ class Labeler:
         if clear and (mentioned_any or not nf.get("require_mention", False)):
             values[label] = POSITIVE
 
-    def _primary(self, mentions: list[Mention], values: dict[str, int | None]) -> tuple[str | None, str]:
+    def _primary(self, mentions: list[Mention], values: dict[str, int | None]) -> tuple[str | None, str, int | None]:
         """Primary diagnosis and where it came from: the first positive (else uncertain) most specific diagnosis of
         the diagnosis section, else of the whole report; else the diagnosis whose ``implied_by`` findings are all
         positive (the largest satisfied rule wins, then the most rules, then file order); else the No-Finding label
@@ -248,7 +252,7 @@ class Labeler:
                 cands -= {a for n in cands for a in self.vocab.ancestors(n)}
                 if cands:
                     first = {n: min(m.start for m in scope if m.label == n and m.value == wanted) for n in cands}
-                    return min(cands, key=first.get), where
+                    return min(cands, key=first.get), where, wanted
         best, best_key = None, None
         for order, name in enumerate(n for n in self.vocab.labels if n in diagnoses):
             spec = self.vocab.labels[name]
@@ -259,11 +263,11 @@ class Labeler:
                 if best_key is None or key > best_key:
                     best, best_key = name, key
         if best:
-            return best, "findings"
+            return best, "findings", POSITIVE
         nf = (self.vocab.no_finding or {}).get("label")
         if nf in diagnoses and values.get(nf) == POSITIVE:
-            return nf, "no finding"
-        return None, ""
+            return nf, "no finding", POSITIVE
+        return None, "", None
 
     # ---------------------------------------------------------------- public API
     def label(self, text: str) -> ReportLabels:
@@ -276,26 +280,37 @@ class Labeler:
                 mentions.extend(self._sentence(text, s, e, sec.kind))
         values = self._hierarchy(self._aggregate(mentions))
         self._no_finding(values, any(not self.vocab.labels[m.label].hidden for m in mentions))
-        primary, source = self._primary(mentions, values)
-        return ReportLabels({n: values.get(n) for n in self.labels}, primary, source, mentions)
+        primary, source, value = self._primary(mentions, values)
+        return ReportLabels({n: values.get(n) for n in self.labels}, primary, source, mentions, value)
 
     def sections(self, text: str) -> list[Section]:
         """The report's sections as this vocabulary sees them (for debugging a header that was not recognised)."""
         return split_sections(text, self.vocab.sections)
 
     def label_frame(self, reports: pd.DataFrame, text_column: str = "report",
-                    keep: tuple[str, ...] = ("patient_id",)) -> pd.DataFrame:
-        """Labels table: the ``keep`` columns present in ``reports``, ``primary_diagnosis``, then one column per
-        label with values 1 / 0 / -1 / <NA> (nullable integers, written to CSV as 1, 0, -1 and empty)."""
-        results = [self.label(t) for t in reports[text_column].astype(str)]
+                    keep: tuple[str, ...] = ("patient_id",), uncertain: str = "keep",
+                    progress: bool = False) -> pd.DataFrame:
+        """Labels table: the ``keep`` columns present in ``reports``, ``primary_diagnosis``, ``primary_value``
+        (1 stated, -1 only hedged, <NA> none found), then one column per label with values 1 / 0 / -1 / <NA>
+        (nullable integers, written to CSV as 1, 0, -1 and empty).
+
+        ``uncertain`` recodes the -1 of the label columns: ``keep`` (default, CheXpert's coding), ``positive`` (1)
+        or ``negative`` (0); ``primary_value`` always keeps -1 so that a hedged diagnosis stays visible."""
+        if uncertain not in UNCERTAIN_CODINGS:
+            raise ValueError(f"uncertain must be one of {', '.join(UNCERTAIN_CODINGS)}, got {uncertain!r}")
+        texts = reports[text_column].astype(str)
+        results = [self.label(t) for t in tqdm(texts, desc=f"labelling reports ({self.vocab.name})", unit="report",
+                                               disable=not progress)]
         table = pd.DataFrame({c: reports[c].to_numpy() for c in keep if c in reports.columns})
         table["primary_diagnosis"] = pd.Series([r.primary for r in results], dtype="object")
+        table["primary_value"] = pd.array([r.primary_value for r in results], dtype="Int64")
+        recode = UNCERTAIN_CODINGS[uncertain]
         for name in self.labels:
-            table[name] = pd.array([r.values[name] for r in results], dtype="Int64")
+            table[name] = pd.array([recode.get(r.values[name], r.values[name]) for r in results], dtype="Int64")
         return table
 
 
 def label_reports(reports: pd.DataFrame, vocab: str | Path | Vocabulary = "renal",
-                  text_column: str = "report") -> pd.DataFrame:
-    """Shortcut: ``Labeler(vocab).label_frame(reports, text_column)``."""
-    return Labeler(vocab).label_frame(reports, text_column)
+                  text_column: str = "report", uncertain: str = "keep") -> pd.DataFrame:
+    """Shortcut: ``Labeler(vocab).label_frame(reports, text_column, uncertain=uncertain)``."""
+    return Labeler(vocab).label_frame(reports, text_column, uncertain=uncertain)

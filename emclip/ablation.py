@@ -116,7 +116,11 @@ def run_table(runs: dict[Arm, Path]) -> pd.DataFrame:
         r2p = m["retrieval"]["report_to_patient"]["recall"]
         row["report->patient R@1"], row["report->patient R@5"] = r2p["1"]["value"], r2p["5"]["value"]
         probe = m.get("linear_probe", {}).get("test_roc_auc_macro_ovr")
-        row["probe AUC (5 seeds)"] = f"{probe['mean']:.3f} ± {probe['sd']:.3f}" if probe else ""
+        if probe and probe.get("mean") is not None:  # undefined (null) on a split too small for an AUC
+            row["probe AUC (5 seeds)"] = f"{probe['mean']:.3f}" + (f" ± {probe['sd']:.3f}" if probe["sd"] is not None
+                                                                   else "")
+        else:
+            row["probe AUC (5 seeds)"] = "undefined" if probe else ""
         rows.append(row)
     return pd.DataFrame(rows).set_index("arm")
 
@@ -167,10 +171,11 @@ def paired_differences(runs: dict[Arm, Path], n_boot: int = 1000, seed: int = 0,
         members = [a for a in aware_arms if a.variant == variant]
         frames = [_predictions(runs[a]) for a in members] + [_predictions(runs[a.partner()]) for a in members]
         common = set.intersection(*(set(f.patient_id) for f in frames))
-        frames = [f[f.patient_id.isin(common) & (f.diagnosis != "")].sort_values("patient_id").reset_index(drop=True)
-                  for f in frames]
         m = _metrics(runs[members[0]])
         classes = m["classes"]
+        # labelled patients only: no diagnosis, or one outside the classes, is excluded here as in metrics.json
+        frames = [f[f.patient_id.isin(common) & f.diagnosis.isin(classes)].sort_values("patient_id")
+                  .reset_index(drop=True) for f in frames]
         pairs = [(b["a"], b["b"]) for b in m["zero_shot"].get("pairs", {}).values()]
         y, stats = _statistics(frames, classes, pairs)
         n, k = len(y), len(members)
@@ -199,7 +204,7 @@ def pair_confusion_cost(runs: dict[Arm, Path]) -> pd.DataFrame:
     rows = []
     for arm, run in runs.items():
         m, f = _metrics(run), _predictions(run)
-        f = f[f.diagnosis != ""]
+        f = f[f.diagnosis.isin(m["classes"])]
         partner = {}
         for b in m["zero_shot"].get("pairs", {}).values():
             partner.update({b["a"]: b["b"], b["b"]: b["a"]})
@@ -266,11 +271,13 @@ def ablation_figure(table: pd.DataFrame, diffs: pd.DataFrame, default_variant: s
     return fig
 
 
-def write_summary(out: str | Path, table: pd.DataFrame, diffs: pd.DataFrame, title: str) -> None:
-    """``ablation.md`` (readable tables) and ``metrics.json`` (the same numbers) in ``out``."""
+def write_summary(out: str | Path, table: pd.DataFrame, diffs: pd.DataFrame, title: str,
+                  note: str | None = None) -> None:
+    """``ablation.md`` (readable tables) and ``metrics.json`` (the same numbers) in ``out``; ``note`` (e.g. where the
+    diagnoses came from, ``pipeline.label_sentence``) is printed under the title."""
     out = Path(out)
     pooled = diffs[diffs.seed == "pooled"].drop(columns=["seed", "ci_low", "ci_high"]) if len(diffs) else diffs
-    md = [f"# {title}", "",
+    md = [f"# {title}", ""] + ([note, ""] if note else []) + [
           "Zero-shot on the test split. Within-pair accuracy (e.g. `thin/normal acc.`): among the test patients of a "
           "confusable pair, the fraction whose true class scores above the other class of the pair. The paired "
           "difference is aware − blind on the same patients (mean over seeds); its 95% CI resamples patients.", "",

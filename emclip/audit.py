@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .data import Cohort, read_image
+from .data import DIAGNOSIS_SOURCES, UNLABELLED, Cohort, read_image
 from .data.splits import SPLITS
 
 # Patterns of protected health information that must not reach a model or a report. Deliberately broad: a false
@@ -40,9 +40,36 @@ def phi_scan(reports: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["patient_id", "pattern", "match"])
 
 
+def label_sources(cohort: Cohort) -> pd.DataFrame:
+    """Where the diagnoses came from: patients per ``diagnosis_source`` (given / labeler / none) and split."""
+    table = pd.crosstab(cohort.reports.diagnosis_source, cohort.reports.split).reindex(
+        index=list(DIAGNOSIS_SOURCES), columns=list(SPLITS), fill_value=0)
+    table["total"] = table.sum(axis=1)
+    table.index.name = "diagnosis source"
+    return table
+
+
+def unlabelled_reasons(cohort: Cohort) -> pd.DataFrame:
+    """Why patients have no usable diagnosis (``diagnosis_note`` of the ``none`` rows), most frequent first; a hedged
+    diagnosis is grouped by its name."""
+    notes = cohort.reports.diagnosis_note[cohort.reports.diagnosis_source == "none"]
+    reasons = notes.str.replace(r" \(.*?\)", "", regex=True).str.replace(r"; excluded.*$", "", regex=True)
+    return reasons.value_counts().rename_axis("reason").rename("patients").reset_index()
+
+
+def labeler_agreement(cohort: Cohort, labels: pd.DataFrame):
+    """Agreement of the labeler's primary diagnosis with the *given* diagnoses only (None when none is given):
+    a diagnosis the labeler derived agrees with itself and would prove nothing."""
+    from .labels import agreement
+    given = (cohort.reports.diagnosis_source == "given").to_numpy()
+    if not given.any():
+        return None
+    return agreement(labels.primary_diagnosis[given], cohort.reports.diagnosis[given])
+
+
 def prevalence(cohort: Cohort) -> pd.DataFrame:
-    """Diagnosis x split counts (diagnosis '(unknown)' when not given)."""
-    dx = cohort.reports.diagnosis.fillna("(unknown)")
+    """Diagnosis x split counts (patients without a usable diagnosis shown as '(no diagnosis)')."""
+    dx = cohort.reports.diagnosis.fillna(UNLABELLED)
     table = pd.crosstab(dx, cohort.reports.split).reindex(columns=list(SPLITS), fill_value=0)
     table["total"] = table.sum(axis=1)
     return table
@@ -51,7 +78,7 @@ def prevalence(cohort: Cohort) -> pd.DataFrame:
 def overview_figure(cohort: Cohort, out: str | Path | None = None):
     """Images per patient, scale distribution by diagnosis, report length, diagnosis prevalence per split."""
     images = cohort.images.merge(cohort.reports[["patient_id", "diagnosis"]], on="patient_id")
-    images["diagnosis"] = images.diagnosis.fillna("(unknown)")
+    images["diagnosis"] = images.diagnosis.fillna(UNLABELLED)
     fig, ax = plt.subplots(2, 2, figsize=(13, 9))
     per = cohort.images.groupby("patient_id").size()
     ax[0, 0].hist(per, bins=np.arange(0.5, per.max() + 1.5, max(1, per.max() // 30)), color="#4c72b0")

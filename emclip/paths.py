@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -21,3 +22,13 @@ def resolve(path: str | Path) -> Path:
     """Absolute paths stay; relative ones are taken from the project root."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else (project_root() / p).resolve()
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` so that a reader sees the old file or the new one, never half of either (temp + rename)."""
+    path = Path(path)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(fh.name, path)

@@ -16,13 +16,14 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from .data import BagDataset, ImageTransform, collate_bags, load_cohort
+from .data import BagDataset, ImageTransform, collate_bags
 from .evaluation import Embeddings, embed_cohort, evaluate, load_prompts
 from .paths import project_root, resolve
 from .train.cache import build_feature_cache
 from .train.checkpoint import latest_checkpoint, load_model_weights
 from .train.config import TrainConfig, load_config, params_file
 from .train.loop import build_run_model
+from .train.runinfo import load_run_cohort
 from .train.text_cache import CachedTextModel, TextFeatures
 
 NOTEBOOKS = ("01_data_audit", "02_features", "03_train", "04_ablations", "05_evaluation")
@@ -112,7 +113,7 @@ def embed_run(run_dir: str | Path, batch_size: int = 32, model=None, cfg: TrainC
     ``model``, ``cfg`` and ``cohort`` may be passed when the caller already loaded them."""
     if model is None or cfg is None:
         model, cfg = load_run_model(run_dir)
-    cohort = cohort if cohort is not None else load_cohort(cfg.data_path, check_images="exists", seed=cfg.data_seed)
+    cohort = cohort if cohort is not None else load_run_cohort(cfg)
     if cfg.mode == "cache":
         cache = build_feature_cache(model, cohort, cfg.cache_path)
         ds = BagDataset(cohort, None, features=cache.features, feature_zoom=cache.zoom)
@@ -122,7 +123,8 @@ def embed_run(run_dir: str | Path, batch_size: int = 32, model=None, cfg: TrainC
     splits = dict(zip(cohort.reports.patient_id, cohort.reports.split))
     if cfg.lock_text:   # the frozen text transformer's report features are cached like the image features
         model = CachedTextModel(model, TextFeatures.build(model, cohort, cfg.eval_batch_size, cfg.cache_path))
-    emb = embed_cohort(model, loader, split=splits, meta={"run_dir": str(resolve(run_dir)), **cfg.to_dict()})
+    emb = embed_cohort(model, loader, split=splits, meta={"run_dir": str(resolve(run_dir)), **cfg.to_dict(),
+                                                          "labels": cohort.summary()["labels"]})
     return emb
 
 
@@ -146,7 +148,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", n_boot: int = 1000, t
         metrics = None
     if metrics is None:
         model, cfg = load_run_model(run)
-        cohort = load_cohort(cfg.data_path, check_images="exists", seed=cfg.data_seed)
+        cohort = load_run_cohort(cfg)
         emb = embed_run(run, model=model, cfg=cfg, cohort=cohort)   # one model build, one cohort load
         emb.save(run / "embeddings.npz")
         with torch.no_grad():
@@ -194,6 +196,41 @@ def to_html(notebook: str | Path) -> Path:
     out = Path(notebook).with_suffix(".html")
     out.write_text(body)
     return out
+
+
+def _fmt_block(block: dict | None) -> str:
+    """``0.912 [0.850, 0.960]``; an undefined value (null in metrics.json, e.g. an AUC with one class) as such."""
+    if not block or block.get("value") is None:
+        return "undefined"
+    ci = _fmt_ci(block)
+    return f"{block['value']:.3f}" + (f" {ci}" if ci else "")
+
+
+def zero_shot_sentence(metrics: dict) -> str:
+    """The headline of a run's evaluation in one line: patient-level zero-shot AUC and balanced accuracy."""
+    zs = metrics["zero_shot"].get("patient")
+    if not zs:
+        return f"**Zero-shot** skipped: {metrics['zero_shot'].get('skipped', 'no result')}."
+    return (f"**Zero-shot on {zs['n']} labelled {metrics.get('split') or 'all'} patients:** ROC-AUC (macro OvR) "
+            f"{_fmt_block(zs['roc_auc_macro_ovr'])}, balanced accuracy {_fmt_block(zs['balanced_accuracy'])}")
+
+
+def label_sentence(metrics: dict) -> str:
+    """One sentence for a report: where the evaluated patients' diagnoses came from and who was left out."""
+    lab = metrics.get("labels")
+    if not lab:
+        return "Diagnosis source not recorded (metrics.json written before schema version 2)."
+    src, split = lab["sources"], metrics.get("split") or "all"
+    parts = [f"{src[k]} {k}" for k in ("given", "labeler") if src[k]]
+    text = f"**Diagnoses** of the {metrics['n_patients']} {split} patients: " + (", ".join(parts) or "none")
+    if src["labeler"]:
+        hedge = "hedged diagnoses counted" if lab.get("uncertain") == "positive" else "hedged diagnoses excluded"
+        text += f" (from the {lab.get('labeler', 'report labeler')}; {hedge})"
+    excluded = lab["n_no_diagnosis"] + lab["n_diagnosis_not_in_classes"]
+    if excluded:
+        text += (f". {excluded} patient(s) are excluded from zero-shot and the probe: {lab['n_no_diagnosis']} without "
+                 f"a usable diagnosis, {lab['n_diagnosis_not_in_classes']} with a diagnosis outside the classes")
+    return text + "."
 
 
 def zero_shot_table(metrics: dict) -> pd.DataFrame:

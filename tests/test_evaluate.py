@@ -232,13 +232,16 @@ def _check_ci(block):
 
 
 def check_metrics_schema(m: dict):
-    """The contract of docs/metrics_schema.md (schema_version 1)."""
-    assert m['schema_version'] == 1
+    """The contract of docs/metrics_schema.md (schema_version 2)."""
+    assert m['schema_version'] == 2
     for key in ('emclip_version', 'created', 'split', 'n_patients', 'n_images', 'n_labelled_patients', 'classes',
-                'prompts', 'logit_scale', 'ties', 'bootstrap', 'meta', 'zero_shot', 'retrieval', 'linear_probe',
+                'labels', 'prompts', 'logit_scale', 'ties', 'bootstrap', 'meta', 'zero_shot', 'retrieval', 'linear_probe',
                 'comparisons', 'figures', 'headline'):
         assert key in m, key
     assert set(m['bootstrap']) >= {'n_boot', 'seed', 'alpha', 'method', 'unit'}
+    lab = m['labels']
+    assert set(lab['sources']) == {'given', 'labeler', 'none'} and sum(lab['sources'].values()) == m['n_patients']
+    assert lab['source'] in ('given', 'labeler', 'given+labeler', 'none')
     blocks = [m['zero_shot']['patient']] + list(m['zero_shot']['image_topj'].values())
     for b in blocks:
         for k in ('roc_auc_macro_ovr', 'balanced_accuracy', 'f1_weighted', 'f1_macro', 'accuracy'):

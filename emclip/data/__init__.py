@@ -1,8 +1,11 @@
 """Cohort contract, image IO and patient bags."""
 from .bags import BagDataset, collate_bags
-from .cohort import Cohort, CohortError, Problem, load_cohort, validate_cohort
+from .cohort import UNLABELLED, Cohort, CohortError, Problem, load_cohort, validate_cohort
+from .diagnoses import SOURCES as DIAGNOSIS_SOURCES
+from .diagnoses import LabelOptions
 from .images import ImageReadError, ImageTransform, read_image
 from .splits import assign_splits
 
 __all__ = ["BagDataset", "collate_bags", "Cohort", "CohortError", "Problem", "load_cohort", "validate_cohort",
+           "LabelOptions", "DIAGNOSIS_SOURCES", "UNLABELLED",
            "ImageReadError", "ImageTransform", "read_image", "assign_splits"]

@@ -7,6 +7,7 @@ import json
 import sys
 
 from .cohort import validate_cohort
+from .diagnoses import UNCERTAIN_POLICIES, LabelOptions
 
 
 def _print_summary(s: dict) -> None:
@@ -17,13 +18,29 @@ def _print_summary(s: dict) -> None:
     print(f"  images per patient  min {ipp['min']}, median {ipp['median']:g}, mean {ipp['mean']:g}, max {ipp['max']}")
     print(f"  scale (nm/px)       min {nm['min']:g}, median {nm['median']:g}, max {nm['max']:g}")
     print(f"  splits ({s['split_source']:>6})     " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()))
+    lab = s["labels"]
+    src = lab["sources"]
+    how = lab["labeler"]
+    parts = [f"{src['given']} given"]
+    if how.startswith(("report labeler", "labels file")):
+        parts.append(f"{src['labeler']} from the {how}")
+    parts.append(f"{src['none']} none" + (" (no labeler: label_vocab is none)" if how == "no labeler" else ""))
+    print("  diagnosis source    " + ", ".join(parts))
+    if src["labeler"] or lab["hedged"]:
+        policy = "counted as positive" if lab["uncertain"] == "positive" else "excluded"
+        print(f"  hedged diagnoses    {lab['hedged']} ({policy}; label_uncertain={lab['uncertain']})")
+    if lab.get("labels_file_rows_unmatched"):
+        print(f"  labels file         {lab['labels_file_rows_unmatched']} row(s) name patients not in this cohort")
+    if src["none"]:
+        print(f"  unlabelled          {src['none']} patient(s) train but are excluded from zero-shot, probe and "
+              f"labelled metrics")
     if "diagnoses" in s:
         width = max(len(k) for k in s["diagnoses"])
         print("  diagnoses" + " " * (width - 7) + "train   val  test")
         for name, counts in s["diagnoses"].items():
             print(f"    {name:<{width}} {counts['train']:>5} {counts['val']:>5} {counts['test']:>5}")
     else:
-        print("  diagnoses           none given (zero-shot evaluation will use the report labeler)")
+        print("  diagnoses           none (zero-shot evaluation, the probe and the diagnosis audit will be skipped)")
     if "dropped" in s:
         print(f"  dropped             {s['dropped']['images']} image(s), {s['dropped']['patients']} patient(s)")
 
@@ -39,9 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--json", action="store_true", help="print the summary as JSON")
     check.add_argument("--drop-invalid", action="store_true",
                        help="drop invalid rows instead of failing; the problems and drop counts are still printed")
+    check.add_argument("--label-vocab", default="renal",
+                       help="labeler vocabulary for patients without a diagnosis: renal (default), chexpert, a YAML "
+                            "path, or none")
+    check.add_argument("--labels-file", default=None,
+                       help="labels table from `python -m emclip.labels` to use instead of labelling on the fly")
+    check.add_argument("--label-uncertain", choices=UNCERTAIN_POLICIES, default="exclude",
+                       help="a diagnosis the report only hedges: exclude it (default) or count it as positive")
     args = parser.parse_args(argv)
+    vocab = None if args.label_vocab.strip().lower() in ("none", "null", "") else args.label_vocab
+    labels = LabelOptions(vocab, args.labels_file, args.label_uncertain)
     cohort, problems = validate_cohort(args.dir, args.images, args.workers, progress=sys.stderr.isatty(),
-                                       drop_invalid=args.drop_invalid)
+                                       drop_invalid=args.drop_invalid, labels=labels)
     for p in problems:
         print(p, file=sys.stderr if cohort is not None else sys.stdout)
     if cohort is None:

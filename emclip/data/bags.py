@@ -3,6 +3,7 @@ that pads variable bags into a batch with a boolean mask."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
@@ -61,7 +62,9 @@ class BagDataset(Dataset):
         item = {"patient_id": pid, "nm_per_pixel": nm, "image_index": image_index,
                 "image_paths": list(rows.path)}
         rep = self.cohort.report(pid)
-        item["report"], item["diagnosis"] = rep.report, rep.diagnosis
+        diagnosis = None if pd.isna(rep.diagnosis) else rep.diagnosis
+        item["report"], item["diagnosis"] = rep.report, diagnosis
+        item["diagnosis_source"] = rep.get("diagnosis_source", "given" if diagnosis else "none")
         if self.features is not None:
             item["features"] = torch.tensor(np.asarray(self.features[rows.index.to_numpy()]), dtype=torch.float32)
             zoom = 1.0 if self.feature_zoom is None else torch.tensor(self.feature_zoom[rows.index.to_numpy()])
@@ -107,4 +110,5 @@ def collate_bags(items: list[dict]) -> dict:
         index[i, :n] = it["image_index"]
     return {key: data, "scales": scales, "nm_per_pixel": nm, "mask": mask, "image_index": index,
             "reports": [it["report"] for it in items], "patient_ids": [it["patient_id"] for it in items],
-            "diagnoses": [it["diagnosis"] for it in items], "image_paths": [it["image_paths"] for it in items]}
+            "diagnoses": [it["diagnosis"] for it in items], "image_paths": [it["image_paths"] for it in items],
+            "diagnosis_sources": [it["diagnosis_source"] for it in items]}

@@ -14,12 +14,14 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from .diagnoses import LabelOptions, assign_diagnoses, read_labels_file, source_counts
 from .images import read_image
 from .splits import DEFAULT_FRACTIONS, SPLITS, assign_splits
 
 IMAGE_COLUMNS = ("patient_id", "path", "nm_per_pixel")
 REPORT_COLUMNS = ("patient_id", "report")
 CHECK_LEVELS = ("none", "exists", "decode")
+UNLABELLED = "(no diagnosis)"  # how summaries and tables show a patient whose diagnosis_source is "none"
 
 
 @dataclass(frozen=True)
@@ -49,10 +51,12 @@ class CohortError(ValueError):
 class Cohort:
     root: Path
     images: pd.DataFrame          # patient_id, path (absolute), nm_per_pixel (float), extra columns
-    reports: pd.DataFrame         # patient_id, report, diagnosis (None = unknown), split, extra columns
+    reports: pd.DataFrame         # patient_id, report, diagnosis (None = unknown), diagnosis_source, diagnosis_note,
+    #                               split, extra columns
     split_source: str             # "column" or "seeded"
     dropped: dict = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    labels: dict = field(default_factory=dict)  # where the diagnoses came from (emclip.data.diagnoses)
 
     def patient_ids(self, split: str | None = None) -> list[str]:
         rep = self.reports if split is None else self.reports[self.reports.split == split]
@@ -72,6 +76,11 @@ class Cohort:
     def __post_init__(self):
         self.images = self.images.reset_index(drop=True)
         self.reports = self.reports.reset_index(drop=True)
+        if "diagnosis_source" not in self.reports.columns:  # a Cohort built by hand: its diagnoses are given
+            given = self.reports.diagnosis.notna() if "diagnosis" in self.reports.columns else False
+            self.reports["diagnosis_source"] = pd.Series(given, index=self.reports.index).map(
+                {True: "given", False: "none"})
+            self.reports["diagnosis_note"] = ""
         self._groups = self.images.groupby("patient_id", sort=False).indices
         self._report_row = dict(zip(self.reports.patient_id, self.reports.index))
 
@@ -86,9 +95,10 @@ class Cohort:
                "splits": {s: int((self.reports.split == s).sum()) for s in SPLITS},
                "split_source": self.split_source}
         if self.has_diagnosis:
-            dx = self.reports.diagnosis.fillna("(unknown)")
+            dx = self.reports.diagnosis.fillna(UNLABELLED)
             out["diagnoses"] = {str(k): {s: int(((dx == k) & (self.reports.split == s)).sum()) for s in SPLITS}
-                                for k in sorted(dx.unique(), key=str)}
+                                for k in sorted(dx.unique(), key=lambda k: (k == UNLABELLED, str(k)))}
+        out["labels"] = {**self.labels, "by_split": source_counts(self.reports, SPLITS)}
         if self.dropped:
             out["dropped"] = dict(self.dropped)
         return out
@@ -228,9 +238,13 @@ def _check_reports_table(df: pd.DataFrame, name: str, problems: list[Problem]) -
 
 
 def validate_cohort(root: str | Path, check_images: str = "decode", workers: int = 4, progress: bool = False,
-                    split_fractions=DEFAULT_FRACTIONS, seed: int = 0, drop_invalid: bool = False
-                    ) -> tuple[Cohort | None, list[Problem]]:
-    """Load and validate a cohort folder; returns (cohort or None, problems)."""
+                    split_fractions=DEFAULT_FRACTIONS, seed: int = 0, drop_invalid: bool = False,
+                    labels: LabelOptions | None = None) -> tuple[Cohort | None, list[Problem]]:
+    """Load and validate a cohort folder; returns (cohort or None, problems).
+
+    Patients without a ``diagnosis`` get one from their report as ``labels`` says (default: the ``renal`` report
+    labeler; see :mod:`emclip.data.diagnoses`), before the splits are stratified by it."""
+    labels = labels if labels is not None else LabelOptions()
     root = Path(root).expanduser().resolve()
     if check_images not in CHECK_LEVELS:
         raise ValueError(f"check_images must be one of {CHECK_LEVELS}, got {check_images!r}")
@@ -249,6 +263,7 @@ def validate_cohort(root: str | Path, check_images: str = "decode", workers: int
         return None, problems
     images = _check_images_table(images, img_name, root, problems)
     reports = _check_reports_table(reports, rep_name, problems)
+    labels_table = read_labels_file(labels.labels_file, problems) if labels.labels_file is not None else None
     known = set(reports.patient_id[reports.patient_id != ""])
     for idx, row in images[~images.patient_id.isin(known) & (images.patient_id != "")].iterrows():
         problems.append(Problem(img_name, int(row._row), f"unknown patient_id (not in {rep_name})", row.patient_id))
@@ -277,19 +292,16 @@ def validate_cohort(root: str | Path, check_images: str = "decode", workers: int
     keep_images = images[~images._bad & images.patient_id.isin(set(keep_reports.patient_id))]
     if keep_reports.empty:
         return None, problems + [Problem(rep_name, None, "no valid patient left after dropping invalid rows")]
-    cohort = _build(root, keep_images, keep_reports, split_fractions, seed)
+    cohort = _build(root, keep_images, keep_reports, split_fractions, seed, labels, labels_table, progress)
     if problems:
         cohort.dropped = {"images": len(images) - len(keep_images), "patients": len(reports) - len(keep_reports)}
         cohort.problems = problems
     return cohort, problems
 
 
-def _build(root: Path, images: pd.DataFrame, reports: pd.DataFrame, fractions, seed: int) -> Cohort:
-    reports = reports.copy()
-    if "diagnosis" in reports.columns:
-        reports["diagnosis"] = [(_text(d) or None) for d in reports.diagnosis]
-    else:
-        reports["diagnosis"] = None
+def _build(root: Path, images: pd.DataFrame, reports: pd.DataFrame, fractions, seed: int, labels: LabelOptions,
+           labels_table: pd.DataFrame | None, progress: bool) -> Cohort:
+    reports, label_info = assign_diagnoses(reports, labels, labels_table, progress)
     if "split" in reports.columns:
         source = "column"
     else:
@@ -298,13 +310,15 @@ def _build(root: Path, images: pd.DataFrame, reports: pd.DataFrame, fractions, s
         source = "seeded"
     images = images.drop(columns=["_bad"]).rename(columns={"_row": "source_row"})
     reports = reports.drop(columns=["_bad"]).rename(columns={"_row": "source_row"})
-    return Cohort(root, images, reports, source)
+    return Cohort(root, images, reports, source, labels=label_info)
 
 
 def load_cohort(root: str | Path, check_images: str = "exists", workers: int = 4, progress: bool = False,
-                split_fractions=DEFAULT_FRACTIONS, seed: int = 0, drop_invalid: bool = False) -> Cohort:
+                split_fractions=DEFAULT_FRACTIONS, seed: int = 0, drop_invalid: bool = False,
+                labels: LabelOptions | None = None) -> Cohort:
     """Load a cohort, raising :class:`CohortError` listing every problem (unless ``drop_invalid``)."""
-    cohort, problems = validate_cohort(root, check_images, workers, progress, split_fractions, seed, drop_invalid)
+    cohort, problems = validate_cohort(root, check_images, workers, progress, split_fractions, seed, drop_invalid,
+                                       labels)
     if cohort is None:
         raise CohortError(Path(root), problems)
     return cohort

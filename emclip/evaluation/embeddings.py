@@ -24,7 +24,8 @@ def scale_from_logit(logit_scale) -> float:
 
 def _str_array(values) -> np.ndarray:
     # fixed-width unicode arrays keep the .npz free of pickled objects
-    return np.asarray(['' if v is None else str(v) for v in values], dtype=np.str_)
+    return np.asarray(['' if v is None or (isinstance(v, float) and v != v) else str(v) for v in values],
+                      dtype=np.str_)  # None and NaN (pandas' missing value) are both "no value"
 
 
 @dataclass(eq=False)  # field-wise == on arrays would be ambiguous
@@ -47,15 +48,19 @@ class Embeddings:
     image_attention: np.ndarray
     logit_scale: float = float('nan')  # multiplicative s = exp(t); NaN when unknown
     meta: dict = field(default_factory=dict)
+    # where each diagnosis came from: 'given', 'labeler' or 'none' (emclip.data.diagnoses); None: given if present
+    diagnosis_source: np.ndarray | None = None
 
     def __post_init__(self):
-        for name in ('patient_ids', 'split', 'diagnosis', 'image_paths'):
+        if self.diagnosis_source is None:
+            self.diagnosis_source = ['given' if d not in (None, '') else 'none' for d in self.diagnosis]
+        for name in ('patient_ids', 'split', 'diagnosis', 'image_paths', 'diagnosis_source'):
             setattr(self, name, _str_array(getattr(self, name)))
         for name in ('patient', 'report', 'image', 'image_scales', 'image_attention'):
             setattr(self, name, np.asarray(getattr(self, name), dtype=np.float32))
         self.image_patient = np.asarray(self.image_patient, dtype=np.int64)
         n_p, n_i = len(self.patient_ids), len(self.image_patient)
-        for name in ('split', 'diagnosis', 'patient', 'report'):
+        for name in ('split', 'diagnosis', 'diagnosis_source', 'patient', 'report'):
             if len(getattr(self, name)) != n_p:
                 raise ValueError(f'Embeddings.{name} has {len(getattr(self, name))} rows, expected {n_p} patients')
         for name in ('image', 'image_paths', 'image_scales', 'image_attention'):
@@ -85,7 +90,7 @@ class Embeddings:
         return Embeddings(
             self.patient_ids[keep], self.split[keep], self.diagnosis[keep], self.patient[keep], self.report[keep],
             self.image[rows], new_index[self.image_patient[rows]], self.image_paths[rows], self.image_scales[rows],
-            self.image_attention[rows], self.logit_scale, dict(self.meta))
+            self.image_attention[rows], self.logit_scale, dict(self.meta), self.diagnosis_source[keep])
 
     def save(self, path: str | Path) -> Path:
         """Write everything to one .npz (no pickle)."""
@@ -100,8 +105,8 @@ class Embeddings:
 
     @classmethod
     def load(cls, path: str | Path) -> 'Embeddings':
-        with np.load(path, allow_pickle=False) as z:
-            kwargs = {f.name: z[f.name] for f in fields(cls) if f.name not in ('logit_scale', 'meta')}
+        with np.load(path, allow_pickle=False) as z:  # files written before diagnosis_source existed still load
+            kwargs = {f.name: z[f.name] for f in fields(cls) if f.name not in ('logit_scale', 'meta') and f.name in z}
             return cls(**kwargs, logit_scale=float(z['logit_scale']), meta=json.loads(str(z['meta_json'])))
 
 
@@ -121,7 +126,8 @@ def embed_cohort(model, loader, device: str | torch.device = 'cpu', split: str |
     """
     was_training = model.training
     model.eval()
-    cols = {k: [] for k in ('pid', 'split', 'dx', 'patient', 'report', 'image', 'owner', 'path', 'scale', 'attn')}
+    cols = {k: [] for k in ('pid', 'split', 'dx', 'src', 'patient', 'report', 'image', 'owner', 'path', 'scale',
+                            'attn')}
     n_seen = 0
     try:
         for batch in loader:
@@ -143,7 +149,9 @@ def embed_cohort(model, loader, device: str | torch.device = 'cpu', split: str |
             if attention is None:
                 attention = torch.full(mask.shape, float('nan'), device=mask.device)
             cols['pid'].extend(pids)
-            cols['dx'].extend(batch.get('diagnoses') or [None] * len(pids))
+            dx = batch.get('diagnoses') or [None] * len(pids)
+            cols['dx'].extend(dx)
+            cols['src'].extend(batch.get('diagnosis_sources') or ['given' if d else 'none' for d in dx])
             if batch.get('split') is not None:
                 cols['split'].extend(batch['split'])
             elif isinstance(split, dict):
@@ -168,4 +176,5 @@ def embed_cohort(model, loader, device: str | torch.device = 'cpu', split: str |
         image=torch.cat(cols['image']).numpy(), image_patient=np.asarray(cols['owner'], dtype=np.int64),
         image_paths=cols['path'], image_scales=torch.cat(cols['scale']).numpy(),
         image_attention=torch.cat(cols['attn']).numpy(),
-        logit_scale=scale_from_logit(logit_scale) if logit_scale is not None else float('nan'), meta=meta)
+        logit_scale=scale_from_logit(logit_scale) if logit_scale is not None else float('nan'), meta=meta,
+        diagnosis_source=cols['src'])

@@ -28,7 +28,7 @@ from .zeroshot import class_embeddings, resolve_prompts, softmax, topj_pool, zer
 
 __all__ = ['evaluate', 'compare_runs', 'SCHEMA_VERSION', 'to_json_safe']
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `labels` (diagnosis provenance), `linear_probe.n_excluded`, `zero_shot.pairs`
 
 
 def to_json_safe(obj):
@@ -56,6 +56,18 @@ def _label_indices(diagnosis: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     """Class index per patient; -1 = no diagnosis, -2 = diagnosis outside the class list."""
     lookup = {c: i for i, c in enumerate(classes)}
     return np.array([-1 if d == '' else lookup.get(d, -2) for d in diagnosis], dtype=np.int64)
+
+
+def _label_provenance(emb: Embeddings, y: np.ndarray, cohort_labels: dict) -> dict:
+    """Where the evaluated patients' diagnoses came from and how many could not be used (metrics.json ``labels``)."""
+    sources = {s: int((emb.diagnosis_source == s).sum()) for s in ('given', 'labeler', 'none')}
+    used = [s for s in ('given', 'labeler') if sources[s]]
+    out = {'source': '+'.join(used) if used else 'none', 'sources': sources,
+           'n_no_diagnosis': int((y == -1).sum()), 'n_diagnosis_not_in_classes': int((y == -2).sum())}
+    for key in ('labeler', 'uncertain'):
+        if key in cohort_labels:
+            out[key] = cohort_labels[key]
+    return out
 
 
 def _macro_auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -182,6 +194,7 @@ def evaluate(embeddings: Embeddings | str | Path, encode_text: Callable[[list[st
         'n_patients': emb.n_patients, 'n_images': emb.n_images, 'n_labelled_patients': int((y >= 0).sum()),
         'classes': classes, 'prompts': {'templates': prompts.templates, 'n_texts': sum(
             len(prompts.texts(c)) for c in classes)},
+        'labels': _label_provenance(emb, y, emb_all.meta.get('labels') or {}),
         'logit_scale': scale, 'ties': 'pessimistic',
         'bootstrap': {**boot, 'method': 'percentile', 'unit': 'patient'}, 'meta': emb_all.meta,
     }
@@ -212,6 +225,10 @@ def evaluate(embeddings: Embeddings | str | Path, encode_text: Callable[[list[st
         metrics['linear_probe'] = linear_probe(
             *[a for s in ('train', 'val', split) for a in (emb_all.patient[parts[s]], y_all[parts[s]])],
             n_classes=len(classes), cs=probe_cs, seeds=probe_seeds, refit=probe_refit)
+        metrics['linear_probe']['n_excluded'] = {   # patients of each split the probe could not use, and why
+            s: {'no_diagnosis': int(((emb_all.split == s) & (y_all == -1)).sum()),
+                'diagnosis_not_in_classes': int(((emb_all.split == s) & (y_all == -2)).sum())}
+            for s in ('train', 'val', split)}
     else:
         metrics['linear_probe'] = {'skipped': 'disabled'}
     metrics['comparisons'] = comparisons

@@ -5,20 +5,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ..data import load_cohort, read_image  # noqa: E402
+from ..data import Cohort, load_cohort, read_image
 
 SCALE_BINS = [(2, 4), (4, 9), (9, 20), (20, 45), (45, 100)]
 
 
-def cohort_grid(data: str | Path, out: str | Path, bins=SCALE_BINS) -> Path:
-    """One row per diagnosis, one column per scale bin; the first image of the cohort that falls in each cell."""
-    cohort = load_cohort(data, check_images="none")
+def cohort_grid(data: str | Path | Cohort, out: str | Path, bins=SCALE_BINS) -> Path:
+    """One row per diagnosis, one column per scale bin; the first image of the cohort that falls in each cell.
+
+    ``data`` is a cohort folder or an already loaded :class:`Cohort` (whose diagnoses may come from the labeler)."""
+    cohort = data if isinstance(data, Cohort) else load_cohort(data, check_images="none")
     images = cohort.images.merge(cohort.reports[["patient_id", "diagnosis"]], on="patient_id")
     names = sorted(images.diagnosis.dropna().unique(), key=str)
     fig, axes = plt.subplots(len(names), len(bins), figsize=(2.0 * len(bins), 2.05 * len(names)), squeeze=False)

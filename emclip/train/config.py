@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from ..data.diagnoses import UNCERTAIN_POLICIES, LabelOptions
 from ..paths import project_root, resolve
 
 MODES = ("cache", "e2e")
@@ -25,6 +26,10 @@ class TrainConfig:
     generate_patients: int = 500             # a missing data_dir is generated as an embedded cohort of this size
     generate_image_size: int = 256           # image side (px) of a generated cohort
     data_seed: int = 0                       # seed of the generated cohort and of seeded splits
+    label_vocab: str | None = "renal"        # report labeler vocabulary for patients without a given diagnosis
+    #                                          (renal | chexpert | YAML path | None: never label)
+    labels_file: str | None = None           # a labels table from `python -m emclip.labels` used instead
+    label_uncertain: str = "exclude"         # a diagnosis the report only hedges: exclude it, or count it (positive)
     # model
     model: str = "efficientnet_lite0_minilm"  # name of emclip/configs/models/*.json, or a path to a JSON config
     scale_embed: bool = True                 # False: the scale-blind baseline, everything else equal
@@ -59,9 +64,12 @@ class TrainConfig:
 
     def __post_init__(self):
         problems = _coerce_types(self)
+        for name in ("label_vocab", "labels_file"):  # papermill and YAML spell "no value" many ways
+            if isinstance(getattr(self, name), str) and getattr(self, name).strip().lower() in ("none", "null", ""):
+                setattr(self, name, None)
         for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("aggregator", AGGREGATORS),
                               ("scale_encoding", SCALE_ENCODINGS), ("scale_mode", SCALE_MODES), ("loss", ("clip", "siglip")),
-                              ("select_on", SELECT_ON)):
+                              ("select_on", SELECT_ON), ("label_uncertain", UNCERTAIN_POLICIES)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name in ("epochs", "batch_size", "accum_freq", "num_processes", "checkpoint_every", "eval_batch_size"):
@@ -92,6 +100,11 @@ class TrainConfig:
     @property
     def cache_path(self) -> Path:
         return resolve(self.cache_dir)
+
+    def label_options(self) -> LabelOptions:
+        """How the cohort derives missing diagnoses from reports (cached beside the feature cache)."""
+        return LabelOptions(self.label_vocab, resolve(self.labels_file) if self.labels_file else None,
+                            self.label_uncertain, self.cache_path)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -48,4 +48,9 @@ def ensure_cohort(cfg, accelerator=None, log=print):
             generate_cohort(path, cfg.generate_patients, seed=cfg.data_seed, image_size=cfg.generate_image_size)
         if accelerator is not None:
             accelerator.wait_for_everyone()
-    return load_cohort(path, check_images="exists", seed=cfg.data_seed)
+    return load_run_cohort(cfg)
+
+
+def load_run_cohort(cfg, check_images: str = "exists"):
+    """The cohort a configuration names, with its diagnoses derived as the configuration says."""
+    return load_cohort(cfg.data_path, check_images=check_images, seed=cfg.data_seed, labels=cfg.label_options())

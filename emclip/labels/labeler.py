@@ -106,7 +106,8 @@ class Labeler:
         """(start, end, label, source, fixed value or None) for every pattern, absence phrase and measurement."""
         out, lower = [], sent.lower()
         for spec in self.vocab.labels.values():
-            for source, pats in (("phrase", spec.patterns), ("absent", spec.absent), ("ambiguous", spec.ambiguous)):
+            for source, pats in (("phrase", spec.patterns), ("absent", spec.absent), ("ambiguous", spec.ambiguous),
+                                 ("hedged", spec.hedged)):
                 for pat in pats:
                     for m in pat.finditer(sent, lower):
                         g = "m" if "m" in pat.rx.groupindex and m.group("m") else 0
@@ -149,6 +150,22 @@ class Labeler:
                 if not any(c.start <= m.start() < c.end for c in cues)]
         return cues, hard
 
+    @staticmethod
+    def _resolve_evidence(sent: str, cues: list[_Cue], bounds: list[int]) -> list[_Cue]:
+        """Evidential cues ("to suggest", "concerning for") become pre cues: negations when a negation pre cue governs
+        them (same clause, no comma between, at most 80 characters before), uncertainty otherwise. So "no focal
+        opacity to suggest pneumonia" negates the pneumonia, and "opacity suggests pneumonia" hedges it."""
+        out: list[_Cue] = []
+        for cue in cues:
+            if cue.type == "uncertainty_evidence":
+                lo = max(b for b in bounds if b <= cue.start)
+                prev = [c for c in out if c.type.endswith("_pre") and lo <= c.start and c.end <= cue.start]
+                governed = (prev and prev[-1].type == "negation_pre" and cue.start - prev[-1].end <= 80
+                            and "," not in sent[prev[-1].end:cue.start])
+                cue = _Cue("negation_pre" if governed else "uncertainty_pre", cue.start, cue.end, cue.text)
+            out.append(cue)
+        return out
+
     def _classify(self, start: int, end: int, cues: list[_Cue], bounds: list[int], spans: list[tuple[int, int]]
                   ) -> tuple[int, str]:
         """Value of a mention at [start, end) from the cues whose scope covers it (uncertainty > negation)."""
@@ -160,7 +177,7 @@ class Labeler:
                 lo, hi = (cue.end, start) if cue.end <= start else (end, cue.start)
                 if lo <= hi and c_lo <= min(cue.start, start) and max(cue.end, end) <= c_hi and not any(
                         lo <= s and e <= hi for s, e in spans):
-                    hits.setdefault("uncertainty", cue.text)
+                    hits.setdefault("uncertainty_both", cue.text)
                 continue
             if cue.type.endswith("_pre"):
                 if c_lo <= cue.start and cue.end <= start:
@@ -175,8 +192,10 @@ class Labeler:
                         hits.setdefault(cue.type.split("_")[0], cue.text)
         if "uncertainty" in hits:
             return UNCERTAIN, hits["uncertainty"]
-        if "negation" in hits:
+        if "negation" in hits:  # "no effusion and/or pneumothorax": a negated alternative is still negated
             return NEGATIVE, hits["negation"]
+        if "uncertainty_both" in hits:
+            return UNCERTAIN, hits["uncertainty_both"]
         return POSITIVE, ""
 
     def _sentence(self, text: str, start: int, end: int, section: str) -> list[Mention]:
@@ -184,10 +203,11 @@ class Labeler:
         cands = _longest_first(self._candidates(sent), lambda c: (c[0], c[1]))
         # An ambiguous mention ("the cardiac contours") counts only when the sentence says nothing clearer about
         # its label: "heart size is not enlarged" is negative, not negative and uncertain.
-        clear = {c[2] for c in cands if c[3] != "ambiguous"}
-        cands = [c for c in cands if not (c[3] == "ambiguous" and c[2] in clear)]
+        clear = {c[2] for c in cands if c[3] not in ("ambiguous", "hedged")}
+        cands = [c for c in cands if not (c[3] in ("ambiguous", "hedged") and c[2] in clear)]
         cues, hard = self._cues(sent, cands)
         bounds = clause_bounds(sent, hard, self.vocab.verbs)
+        cues = self._resolve_evidence(sent, cues, bounds)
         out = []
         for s, e, label, source, fixed in cands:
             if fixed is not None:
@@ -198,6 +218,8 @@ class Labeler:
                     value = {POSITIVE: NEGATIVE, NEGATIVE: POSITIVE}.get(value, value)
                 elif source == "ambiguous":  # CheXpert's "ambiguous language": uncertain unless negated
                     value = NEGATIVE if value == NEGATIVE else UNCERTAIN
+                elif source == "hedged" and value == POSITIVE:  # "the cardiac silhouette is stable" says nothing
+                    continue
             out.append(Mention(label, sent[s:e], start + s, start + e, section, value, cue, source))
         return out
 
@@ -244,7 +266,8 @@ class Labeler:
         diagnoses = {n for n, s in self.vocab.labels.items() if s.kind == "diagnosis"}
         scopes = (("diagnosis section", [m for m in mentions if m.section == "diagnosis"]), ("report", mentions))
         for where, scope in scopes:
-            scope = [m for m in scope if m.label in diagnoses]
+            # a diagnosis named only in a differential ("the differential includes MCD and FSGS") is not the primary
+            scope = [m for m in scope if m.label in diagnoses and not m.cue.lower().startswith("differential")]
             agg = self._aggregate(scope)
             for wanted in (POSITIVE, UNCERTAIN):
                 cands = {n for n, v in agg.items() if v == wanted}
@@ -255,6 +278,8 @@ class Labeler:
                     return min(cands, key=first.get), where, wanted
         best, best_key = None, None
         for order, name in enumerate(n for n in self.vocab.labels if n in diagnoses):
+            if values.get(name) in (NEGATIVE, UNCERTAIN):  # "does not meet criteria for TBMN": never inferred
+                continue
             spec = self.vocab.labels[name]
             sat = [r for r in spec.implied_by if all(values.get(x) == POSITIVE for x in r.get("all", []))
                    and not any(values.get(x) in (POSITIVE, UNCERTAIN) for x in r.get("none", []))]

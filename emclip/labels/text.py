@@ -84,6 +84,8 @@ def split_sentences(text: str, start: int = 0, end: int | None = None) -> list[t
     end = len(text) if end is None else end
     spans, s = [], start
     for m in _SENT_END.finditer(text, start, end):
+        if m.group().startswith("?") and m.start() > start and text[m.start() - 1].isspace():
+            continue  # "vasculature, ? early CHF": a spaced question mark is a query cue, not a sentence end
         if m.group().startswith("."):
             word = re.search(r"([\w.]+)$", text[s:m.start()])
             if word and word.group(1).lower().rstrip(".") in _ABBREV:

@@ -190,6 +190,7 @@ class LabelSpec:
     patterns: list[Phrases] = field(default_factory=list)
     absent: list[Phrases] = field(default_factory=list)
     ambiguous: list[Phrases] = field(default_factory=list)
+    hedged: list[Phrases] = field(default_factory=list)  # count only when a cue hedges or negates them
     implied_by: list[dict] = field(default_factory=list)
     hidden: bool = False  # internal labels (e.g. No-Finding suppressors) that never reach the output table
 
@@ -235,8 +236,8 @@ class Vocabulary:
         return seen
 
 
-CUE_TYPES = ("negation_pre", "negation_post", "uncertainty_pre", "uncertainty_post", "uncertainty_both",
-             "affirmation_pre", "pseudo")
+CUE_TYPES = ("negation_pre", "negation_post", "uncertainty_pre", "uncertainty_evidence", "uncertainty_post",
+             "uncertainty_both", "affirmation_pre", "pseudo")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -307,6 +308,7 @@ def load_vocab(vocab: str | Path) -> Vocabulary:
             + _abbreviations(entry.get("abbreviations"), here),
             absent=_phrases(entry.get("absent") or [], macros, here),
             ambiguous=_phrases(entry.get("ambiguous") or [], macros, here),
+            hedged=_phrases(entry.get("hedged") or [], macros, here),
             implied_by=[r if isinstance(r, dict) else {"all": list(r)} for r in entry.get("implied_by") or []])
     for spec in labels.values():
         for p in spec.parents + [x for r in spec.implied_by for x in r.get("all", []) + r.get("none", [])]:

@@ -10,11 +10,12 @@ DATA ?= data/demo_cohort
 export OMP_WAIT_POLICY ?= PASSIVE
 PATIENTS ?= 500
 
-.PHONY: help install test test-fast demo study cohort figures lab bench bench-smoke clean
+.PHONY: help install test test-fast demo demo-unlabelled study cohort figures lab bench bench-smoke clean
 
 help:
 	@echo "make demo     install, generate the embedded cohort and run notebooks 01-05 into reports/demo/"
 	@echo "make test     install and run the test suite (pytest + notebook validation)"
+	@echo "make demo-unlabelled  the demo on the same cohort without its diagnosis column (labels from the reports)"
 	@echo "make study    the scale study: 3,000 patients, every arm x 3 seeds (~1 h on 2 cores) -> reports/study/"
 	@echo "make cohort   only generate the embedded cohort into $(DATA)"
 	@echo "make lab      start JupyterLab with the project's kernel"
@@ -50,6 +51,12 @@ figures: install cohort
 # the whole study on the embedded cohort: notebooks 01 -> 05 with params/demo.yaml into reports/demo/
 demo: install
 	$(PY) -m emclip.pipeline demo
+
+# the demo as a real archive would run it: no diagnosis column, labels from the report labeler
+demo-unlabelled: install
+	test -f data/demo_cohort_unlabelled/reports.csv || $(PY) -m emclip.synthetic --out data/demo_cohort_unlabelled \
+		--patients $(PATIENTS) --seed 0 --without-diagnosis
+	$(PY) -m emclip.pipeline params/demo_unlabelled.yaml
 
 # the decisive scale study (docs/study.md): generates data/study_cohort on first use, resumes finished arms
 study: install

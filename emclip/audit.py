@@ -54,7 +54,7 @@ def unlabelled_reasons(cohort: Cohort) -> pd.DataFrame:
     diagnosis is grouped by its name."""
     notes = cohort.reports.diagnosis_note[cohort.reports.diagnosis_source == "none"]
     reasons = notes.str.replace(r" \(.*?\)", "", regex=True).str.replace(r"; excluded.*$", "", regex=True)
-    return reasons.value_counts().rename_axis("reason").rename("patients").reset_index()
+    return reasons.value_counts().rename_axis("reason").rename("patients").to_frame()
 
 
 def labeler_agreement(cohort: Cohort, labels: pd.DataFrame):

@@ -210,3 +210,16 @@ def test_notebooks_01_to_05_and_the_ablation_run_on_a_cohort_without_diagnoses(t
     assert "from the report labeler (renal)" in (reports / "04_ablations" / "ablation.md").read_text()
     assert not (cohort / "labels.csv").exists() and sorted(p.name for p in cohort.iterdir() if p.is_file()) == [
         "images.csv", "reports.csv"]
+
+
+def test_the_generator_can_leave_the_diagnosis_out(tmp_path):
+    from emclip.synthetic import generate_cohort
+    out = generate_cohort(tmp_path / "c", n_patients=12, seed=5, image_size=32, workers=1, progress=False,
+                          with_diagnosis=False)
+    assert "diagnosis" not in pd.read_csv(out / "reports.csv").columns
+    truth = pd.read_csv(out / "diagnosis_truth.csv").set_index("patient_id").diagnosis
+    cohort = load_cohort(out, check_images="exists")
+    rep = cohort.reports.set_index("patient_id")
+    assert set(rep.diagnosis_source) <= {"labeler", "none"} and (rep.diagnosis_source == "labeler").any()
+    labelled = rep[rep.diagnosis_source == "labeler"]
+    assert (labelled.diagnosis == truth[labelled.index]).all()

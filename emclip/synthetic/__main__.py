@@ -15,10 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed gives a byte-identical cohort")
     parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--without-diagnosis", action="store_true",
+                        help="leave the diagnosis column out of reports.csv (labels then come from the report "
+                             "labeler); the truth goes to diagnosis_truth.csv")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        out = generate_cohort(args.out, args.patients, args.seed, args.image_size, workers=args.workers)
+        out = generate_cohort(args.out, args.patients, args.seed, args.image_size, workers=args.workers,
+                              with_diagnosis=not args.without_diagnosis)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -60,8 +60,12 @@ def _render_patient(args) -> tuple[list[dict], dict]:
 
 
 def generate_cohort(out_dir: str | Path, n_patients: int = 500, seed: int = 0, image_size: int = 256,
-                    workers: int | None = None, progress: bool = True) -> Path:
-    """Generate ``n_patients`` patients with balanced diagnoses into ``out_dir``; same seed, same bytes."""
+                    workers: int | None = None, progress: bool = True, with_diagnosis: bool = True) -> Path:
+    """Generate ``n_patients`` patients with balanced diagnoses into ``out_dir``; same seed, same bytes.
+
+    ``with_diagnosis=False`` leaves the ``diagnosis`` column out of ``reports.csv`` (the situation of a real archive,
+    whose labels must come from the reports) and writes the truth to ``diagnosis_truth.csv`` instead, which the
+    cohort loader never reads."""
     if n_patients < 1:
         raise ValueError(f"n_patients must be >= 1, got {n_patients}")
     if image_size < 32:
@@ -97,5 +101,8 @@ def generate_cohort(out_dir: str | Path, n_patients: int = 500, seed: int = 0, i
     splits = assign_splits(list(reports.patient_id), list(reports.diagnosis), seed=seed)
     reports["split"] = reports.patient_id.map(splits)
     pd.DataFrame(image_rows).to_csv(out / "images.csv", index=False, lineterminator="\n")
+    if not with_diagnosis:
+        reports[["patient_id", "diagnosis"]].to_csv(out / "diagnosis_truth.csv", index=False, lineterminator="\n")
+        reports = reports.drop(columns=["diagnosis"])
     reports.to_csv(out / "reports.csv", index=False, lineterminator="\n")
     return out

@@ -111,4 +111,5 @@ def collate_bags(items: list[dict]) -> dict:
     return {key: data, "scales": scales, "nm_per_pixel": nm, "mask": mask, "image_index": index,
             "reports": [it["report"] for it in items], "patient_ids": [it["patient_id"] for it in items],
             "diagnoses": [it["diagnosis"] for it in items], "image_paths": [it["image_paths"] for it in items],
-            "diagnosis_sources": [it["diagnosis_source"] for it in items]}
+            "diagnosis_sources": [it.get("diagnosis_source", "given" if it.get("diagnosis") else "none")
+                                  for it in items]}  # items built by hand (benchmarks) may not say

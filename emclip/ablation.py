@@ -271,21 +271,55 @@ def ablation_figure(table: pd.DataFrame, diffs: pd.DataFrame, default_variant: s
     return fig
 
 
+QUESTION = ("Does giving the model each image's physical scale improve zero-shot diagnosis over the same model "
+            "without it (same layers, no scale input), on the same test patients?")
+LEGEND = ("Zero-shot on the test split. *bal. acc.*: balanced accuracy (mean recall over diagnoses). *Within-pair "
+          "accuracy* (e.g. `thin/normal acc.`): among the test patients of a confusable pair, the fraction whose "
+          "true class scores above the other class of the pair. *aware − blind*: the paired difference on the same "
+          "patients (mean over seeds); *95% CI* resamples patients; *p(diff ≤ 0)*: the share of resamples in "
+          "which the scale-aware arm is not better.")
+
+
+def conclusion(diffs: pd.DataFrame, metric: str = "zero-shot bal. acc.") -> str:
+    """One paragraph from the pooled paired differences: how large, how certain, and what that allows to say."""
+    pooled = diffs[(diffs.seed == "pooled") & (diffs.metric == metric)] if len(diffs) else diffs
+    if not len(pooled):
+        return "The grid has no scale-aware / scale-blind pair, so it cannot answer the question."
+    lo, hi = pooled["aware − blind"].min(), pooled["aware − blind"].max()
+    above = pooled[pooled.ci_low > 0]
+    below = pooled[pooled.ci_high < 0]
+    n = int(pooled.patients.max())
+    text = (f"Across {len(pooled)} variant(s), scale-aware minus scale-blind {metric} ranges {lo:+.3f} to {hi:+.3f} "
+            f"on {n} test patients. ")
+    if len(above):
+        text += ("The scale helps with a 95% CI above zero for " + ", ".join(
+            f"{r.variant} ({r['aware − blind']:+.3f} {r['95% CI']})" for _, r in above.iterrows()) + ". ")
+    if len(below):
+        text += ("The blind arm is better with a 95% CI below zero for " + ", ".join(
+            f"{r.variant} ({r['aware − blind']:+.3f} {r['95% CI']})" for _, r in below.iterrows()) + ". ")
+    if not len(above) and not len(below):
+        widest = (pooled.ci_high - pooled.ci_low).max() / 2
+        text += (f"Every 95% CI contains 0 (half-widths up to {widest:.2f}): this run cannot tell the arms apart; "
+                 "more patients or seeds are needed (the scale study in docs/study.md has them).")
+    return text
+
+
 def write_summary(out: str | Path, table: pd.DataFrame, diffs: pd.DataFrame, title: str,
                   note: str | None = None) -> None:
-    """``ablation.md`` (readable tables) and ``metrics.json`` (the same numbers) in ``out``; ``note`` (e.g. where the
-    diagnoses came from, ``pipeline.label_sentence``) is printed under the title."""
+    """``ablation.md`` (readable tables) and ``metrics.json`` (the same numbers) in ``out``: the question, the
+    per-run table with CIs, the paired differences, the conclusion and the figure, in that order. ``note`` (e.g.
+    where the diagnoses came from, ``pipeline.label_sentence``) is printed under the question."""
     out = Path(out)
     pooled = diffs[diffs.seed == "pooled"].drop(columns=["seed", "ci_low", "ci_high"]) if len(diffs) else diffs
-    md = [f"# {title}", ""] + ([note, ""] if note else []) + [
-          "Zero-shot on the test split. Within-pair accuracy (e.g. `thin/normal acc.`): among the test patients of a "
-          "confusable pair, the fraction whose true class scores above the other class of the pair. The paired "
-          "difference is aware − blind on the same patients (mean over seeds); its 95% CI resamples patients.", "",
-          "## Scale-aware − scale-blind (paired, same test patients)", "",
-          pooled.round(3).to_markdown(index=False) if len(pooled) else "(no aware/blind pairs in the grid)", "",
-          "## Per run", "", table.round(3).to_markdown(), ""]
+    md = [f"# {title}", "", f"**Question.** {QUESTION}", ""] + ([note, ""] if note else []) + [LEGEND, "",
+          "## Per run (test split)", "", table.round(3).to_markdown(), ""]
     if table.seed.nunique() > 1:
         md += ["## Mean ± sd over seeds", "", seed_summary(table).to_markdown(), ""]
+    md += ["## Scale-aware − scale-blind (paired, same test patients)", "",
+           pooled.round(3).to_markdown(index=False) if len(pooled) else "(no aware/blind pairs in the grid)", "",
+           "## Conclusion", "", conclusion(diffs), ""]
+    if (out / "ablation.png").exists():
+        md += ["## Figure", "", "![ablation](ablation.png)", ""]
     (out / "ablation.md").write_text("\n".join(md))
     record = {"per_run": json.loads(table.reset_index().to_json(orient="records")),
               "paired_differences": json.loads(diffs.to_json(orient="records"))}

@@ -11,19 +11,22 @@ import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import torch
 import yaml
 from torch.utils.data import DataLoader
 
 from .data import BagDataset, ImageTransform, collate_bags
-from .evaluation import Embeddings, embed_cohort, evaluate, load_prompts
+from .evaluation import Embeddings, embed_cohort, evaluate, load_prompts, resolve_prompts
 from .paths import project_root, resolve
 from .train.cache import build_feature_cache
 from .train.checkpoint import latest_checkpoint, load_model_weights
 from .train.config import TrainConfig, load_config, params_file
 from .train.loop import build_run_model
 from .train.runinfo import load_run_cohort
+from .reports import execute_notebook, to_html, write_index  # noqa: F401 - notebooks call them through pipeline
+from .summary import per_class_auc, pair_table, retrieval_table, zero_shot_table  # noqa: F401 - likewise
 from .train.text_cache import CachedTextModel, TextFeatures
 
 NOTEBOOKS = ("01_data_audit", "02_features", "03_train", "04_ablations", "05_evaluation")
@@ -128,6 +131,35 @@ def embed_run(run_dir: str | Path, batch_size: int = 32, model=None, cfg: TrainC
     return emb
 
 
+def supervised_bound(model, cfg: TrainConfig, cohort, emb: Embeddings, classes: list[str], split: str = "test"):
+    """The supervised MIL upper bound (``evaluation.bounds.supervised_mil``) on the run's cached trunk features.
+
+    It does not depend on the contrastive model, only on the features, labels and splits, so it is computed once
+    and kept in ``<cache_dir>/bounds/`` (every arm of an ablation shares it). None in end-to-end mode (no cache)."""
+    import hashlib
+    from .evaluation import bounds
+    from .paths import write_text_atomic
+    if cfg.mode != "cache":
+        return {"skipped": "end-to-end run: no cached trunk features"}
+    cache = build_feature_cache(model, cohort, cfg.cache_path)
+    y = np.array([classes.index(d) if d in classes else -1 for d in emb.diagnosis])
+    key = hashlib.sha256(json.dumps([cache.path.name, split, classes, emb.patient_ids.tolist(), y.tolist(),
+                                     emb.split.tolist()]).encode() + Path(bounds.__file__).read_bytes())
+    out = cfg.cache_path / "bounds" / f"supervised_mil-{key.hexdigest()[:20]}.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    feats, scales = [], []
+    for pid in emb.patient_ids:
+        rows = cohort.bag(str(pid)).index.to_numpy()
+        feats.append(np.asarray(cache.features[rows], dtype=np.float32))
+        zoom = 1.0 if cache.zoom is None else np.asarray(cache.zoom[rows])
+        scales.append(cohort.images.nm_per_pixel.to_numpy()[rows] * zoom)
+    result = bounds.supervised_mil(feats, scales, y, emb.split, len(classes), emb.patient_ids, test_split=split)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, json.dumps(result))
+    return result
+
+
 def evaluate_run(run_dir: str | Path, split: str = "test", n_boot: int = 1000, topj=(1, 3), out: str | Path | None = None,
                  figures: bool = True, reuse: bool = True, name: str = "eval") -> dict:
     """Full evaluation protocol of a trained run on ``split``: writes ``<run>/<name>/metrics.json`` and figures.
@@ -152,8 +184,11 @@ def evaluate_run(run_dir: str | Path, split: str = "test", n_boot: int = 1000, t
         emb = embed_run(run, model=model, cfg=cfg, cohort=cohort)   # one model build, one cohort load
         emb.save(run / "embeddings.npz")
         with torch.no_grad():
-            metrics = evaluate(emb, model.encode_text, model.logit_scale, target, classes=_prompt_classes(cohort),
-                               split=split, n_boot=n_boot, topj=topj, figures=figures, name=run.name)
+            prompts = _prompt_classes(cohort)
+            classes = resolve_prompts(prompts, emb.diagnosis).classes
+            metrics = evaluate(emb, model.encode_text, model.logit_scale, target, classes=prompts,
+                               split=split, n_boot=n_boot, topj=topj, figures=figures, name=run.name,
+                               supervised=supervised_bound(model, cfg, cohort, emb, classes, split))
     if out is not None and Path(out).resolve() != target.resolve():
         Path(out).mkdir(parents=True, exist_ok=True)
         for f in target.iterdir():
@@ -165,37 +200,6 @@ def _fmt_ci(block) -> str:
     if not block or block.get("ci_low") is None:
         return ""
     return f"[{block['ci_low']:.3f}, {block['ci_high']:.3f}]"
-
-
-def execute_notebook(name: str, out_dir: str | Path, parameters: dict | None = None, html: bool = True,
-                     cwd: str | Path | None = None) -> Path:
-    """Run ``notebooks/<name>.ipynb`` with papermill into ``out_dir`` (+ an HTML copy); returns the output path."""
-    import papermill as pm
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    source = project_root() / "notebooks" / f"{name}.ipynb"
-    out = out_dir / f"{name}.ipynb"
-    start = time.perf_counter()
-    pm.execute_notebook(str(source), str(out), parameters=parameters or {}, cwd=str(cwd or source.parent),
-                        progress_bar=False, kernel_name="python3")
-    seconds = time.perf_counter() - start
-    if html:
-        to_html(out)
-    timings = out_dir / "timings.json"
-    data = json.loads(timings.read_text()) if timings.exists() else {}
-    data[name] = round(seconds, 1)
-    timings.write_text(json.dumps(data, indent=2) + "\n")
-    return out
-
-
-def to_html(notebook: str | Path) -> Path:
-    import nbformat
-    from nbconvert import HTMLExporter
-    nb = nbformat.read(str(notebook), as_version=4)
-    body, _ = HTMLExporter().from_notebook_node(nb)
-    out = Path(notebook).with_suffix(".html")
-    out.write_text(body)
-    return out
 
 
 def _fmt_block(block: dict | None) -> str:
@@ -233,58 +237,24 @@ def label_sentence(metrics: dict) -> str:
     return text + "."
 
 
-def zero_shot_table(metrics: dict) -> pd.DataFrame:
-    """Patient-level zero-shot and the MI-Zero top-j baselines: value and CI of every headline metric."""
-    blocks = {"patient embedding": metrics["zero_shot"]["patient"]}
-    blocks.update({f"image top-{j} (MI-Zero)": b for j, b in metrics["zero_shot"].get("image_topj", {}).items()})
-    rows = {}
-    for name, block in blocks.items():
-        for key in ("roc_auc_macro_ovr", "balanced_accuracy", "f1_weighted", "f1_macro", "accuracy"):
-            rows.setdefault(name, {})[key] = block[key]["value"]
-            rows[name][f"{key} 95% CI"] = _fmt_ci(block[key])
-    return pd.DataFrame(rows).T
-
-
-def pair_table(metrics: dict) -> pd.DataFrame:
-    """Within-pair accuracy, balanced accuracy and AUC of each confusable pair, with 95% CIs."""
-    rows = {}
-    for name, block in metrics["zero_shot"].get("pairs", {}).items():
-        row = {"patients": block["n"]}
-        for key in ("accuracy", "balanced_accuracy", "roc_auc"):
-            if key in block:   # rounded here: a column mixing numbers and CI strings ignores DataFrame.round
-                value = block[key]["value"]     # None when undefined (e.g. an AUC with one class present)
-                row[key] = round(value, 3) if value is not None else float("nan")
-                row[f"{key} 95% CI"] = _fmt_ci(block[key])
-        rows[name] = row
-    return pd.DataFrame(rows).T
-
-
-def per_class_auc(metrics: dict) -> pd.DataFrame:
-    zs = metrics["zero_shot"]["patient"]
-    return pd.DataFrame({"roc_auc": zs["roc_auc_per_class"], "support": zs["support"]})
-
-
-def retrieval_table(metrics: dict) -> pd.DataFrame:
-    rows = {}
-    for task, block in metrics["retrieval"].items():
-        row = {f"R@{k}": v["value"] for k, v in block["recall"].items()}
-        row.update({"median_rank": block["median_rank"], "queries": block["n_queries"], "gallery": block["n_items"]})
-        rows[task] = row
-    return pd.DataFrame(rows).T
-
-
-def run_all(params: str = DEFAULT_PARAMS, notebooks=NOTEBOOKS, summary: bool = True) -> Path:
-    """Execute the numbered notebooks in order with ``params`` into ``reports/<params>/`` (executed .ipynb + .html).
+def run_all(params: str = DEFAULT_PARAMS, notebooks=NOTEBOOKS, summary: bool = True, out: str | Path | None = None,
+            show_code: bool = False) -> Path:
+    """Execute the numbered notebooks in order with ``params`` into ``reports/<params>/`` (or ``out``): executed
+    .ipynb, .html (code hidden unless ``show_code``) and an ``index.html`` over all of them.
 
     With ``summary`` the compact committed summary (ablation table, key figures, timings) is refreshed in
     ``reports/summary/`` when ``params`` is the reference demo.
     """
-    out = report_dir(params)
+    custom = out is not None
+    out = Path(out) if custom else report_dir(params)
     start = time.perf_counter()
     for name in notebooks:
         t0 = time.perf_counter()
         print(f"[{time.perf_counter() - start:6.0f} s] executing {name} ...", flush=True)
-        execute_notebook(name, out, {"params": params})
+        parameters = {"params": params}
+        if custom and name != "03_train":  # 03 writes into its run folder; the others into the report folder
+            parameters["report_dir"] = str(out / "evaluation" if name == "05_evaluation" else out)
+        execute_notebook(name, out, parameters, show_code=show_code)
         print(f"[{time.perf_counter() - start:6.0f} s] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
     total = time.perf_counter() - start
     timings = json.loads((out / "timings.json").read_text())
@@ -292,8 +262,18 @@ def run_all(params: str = DEFAULT_PARAMS, notebooks=NOTEBOOKS, summary: bool = T
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     if summary and load_params(params)["name"] == DEFAULT_PARAMS:
         _refresh_summary(out)
-    print(f"all notebooks done in {total:.0f} s; reports in {out}")
+    write_index(out, f"emclip · {load_params(params)['name']} run", _index_summary(out))
+    print(f"all notebooks done in {total:.0f} s; reports in {out} (open {out / 'index.html'})")
     return out
+
+
+def _index_summary(out: Path) -> str:
+    """The headline of a run for its index page: the evaluation's conclusion sentence, if there is one."""
+    path = out / "evaluation" / "metrics.json"
+    if not path.exists():
+        return ""
+    from .summary import conclusion
+    return f"<p>{conclusion(json.loads(path.read_text()), html=True)}</p>"
 
 
 def _refresh_summary(out: Path) -> None:

@@ -232,13 +232,24 @@ def _check_ci(block):
 
 
 def check_metrics_schema(m: dict):
-    """The contract of docs/metrics_schema.md (schema_version 2)."""
-    assert m['schema_version'] == 2
+    """The contract of docs/metrics_schema.md (schema_version 3)."""
+    assert m['schema_version'] == 3
     for key in ('emclip_version', 'created', 'split', 'n_patients', 'n_images', 'n_labelled_patients', 'classes',
-                'labels', 'prompts', 'logit_scale', 'ties', 'bootstrap', 'meta', 'zero_shot', 'retrieval', 'linear_probe',
+                'labels', 'prompts', 'by_scale', 'attention_by_scale', 'bounds', 'logit_scale', 'ties', 'bootstrap', 'meta', 'zero_shot', 'retrieval', 'linear_probe',
                 'comparisons', 'figures', 'headline'):
         assert key in m, key
     assert set(m['bootstrap']) >= {'n_boot', 'seed', 'alpha', 'method', 'unit'}
+    pc = m['zero_shot']['prior_corrected']
+    assert {'mean_logprob', 'ot_uniform', 'definitions'} <= set(pc)
+    for key in ('mean_logprob', 'ot_uniform'):
+        for k in ('roc_auc_macro_ovr', 'balanced_accuracy'):
+            _check_ci(pc[key][k])
+    ps = m['zero_shot']['prompt_subsets']
+    assert ps['n_subsets'] == 0 or ps['balanced_accuracy']['min'] <= ps['balanced_accuracy']['median'] \
+        <= ps['balanced_accuracy']['max']
+    assert sum(b['n_images'] for b in m['by_scale']['bins']) <= m['n_images']
+    att = m['attention_by_scale']
+    assert len(att['mass']) == len(m['classes']) and all(len(r) == len(att['bins']) for r in att['mass'])
     lab = m['labels']
     assert set(lab['sources']) == {'given', 'labeler', 'none'} and sum(lab['sources'].values()) == m['n_patients']
     assert lab['source'] in ('given', 'labeler', 'given+labeler', 'none')
@@ -341,5 +352,5 @@ def test_pair_table_rounds_and_tolerates_undefined_values():
     metrics = {'zero_shot': {'pairs': {'a vs b': {'n': 3, 'accuracy': ci, 'balanced_accuracy': ci,
                                                   'roc_auc': undefined}}}}
     table = pipeline.pair_table(metrics)
-    assert table.loc['a vs b', 'accuracy'] == 0.123 and np.isnan(table.loc['a vs b', 'roc_auc'])
-    assert table.loc['a vs b', 'roc_auc 95% CI'] == ''
+    assert table.loc['a vs b', 'within-pair accuracy'] == 0.123 and np.isnan(table.loc['a vs b', 'ROC-AUC'])
+    assert table.loc['a vs b', 'ROC-AUC 95% CI'] == ''

@@ -92,3 +92,38 @@ def test_papermill_parses_every_parameter(notebook):
     cell = next(c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", []))
     assigned = set(re.findall(r"^(\w+)\s*=", cell.source, flags=re.M))
     assert assigned and set(papermill.inspect_notebook(str(REPO / "notebooks" / notebook))) == assigned
+
+
+def test_a_whole_run_reads_clean_in_html_with_an_index(tmp_path):
+    """01 -> 05 with the ci parameters (04 runs 03 per arm in nested kernels): no report contains a warning, a
+    traceback, a kernel log line or a network script; code is hidden; index.html links every report and figure."""
+    import re
+    import yaml
+    from emclip import pipeline
+    from emclip.reports import report_problems
+    params = yaml.safe_load((REPO / "params" / "ci.yaml").read_text())
+    params["name"] = "ci-html"
+    params["train"].update(run_dir=str(tmp_path / "runs" / "main"), cache_dir=str(REPO / "cache" / "ci"))
+    params["evaluation"]["bootstrap"] = 50
+    pfile = tmp_path / "ci-html.yaml"
+    pfile.write_text(yaml.safe_dump(params))
+    out = tmp_path / "reports"
+    env_before = dict(os.environ)
+    try:
+        pipeline.run_all(str(pfile), out=out, summary=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+    pages = sorted(out.rglob("*.html"))
+    assert {p.name for p in pages} >= {"01_data_audit.html", "02_features.html", "03_train.html",
+                                       "04_ablations.html", "05_evaluation.html", "index.html"}
+    for page in pages:
+        text = page.read_text()
+        assert report_problems(text) == [], (page, report_problems(text))
+        assert "import json" not in text, page          # inputs hidden
+    index = (out / "index.html").read_text()
+    for name in ("01_data_audit.html", "05_evaluation.html", "evaluation/by_scale.png", "evaluation/roc.png"):
+        assert name in index, name
+    ev = (out / "05_evaluation.html").read_text()
+    assert "Conclusion." in ev and "prior-corrected" in ev and re.search(r"supervised gated-attention MIL", ev)
+    assert (tmp_path / "runs").is_dir() and not (REPO / "reports" / "ci-html").exists()

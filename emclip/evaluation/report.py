@@ -19,16 +19,20 @@ from emclip.metrics import (
     HEADLINE_METRICS, bootstrap_ci, classification_metrics, headline_metrics, paired_bootstrap, roc_auc_ovr)
 
 from . import figures as F
+from . import maps
+from .bounds import few_shot_probe
+from .by_scale import attention_by_scale, by_scale
 from .embeddings import Embeddings, scale_from_logit
 from .pairs import pair_metrics, pairs_in
 from .probe import DEFAULT_CS, linear_probe
 from .retrieval import (
     image_image_retrieval, patient_report_retrieval, report_image_retrieval, summarize_retrieval)
-from .zeroshot import class_embeddings, resolve_prompts, softmax, topj_pool, zero_shot_logits
+from .priors import mean_logprob_correction, ot_assignment, prompt_subsets, spread
+from .zeroshot import ensemble, resolve_prompts, softmax, text_embeddings, topj_pool, zero_shot_logits
 
 __all__ = ['evaluate', 'compare_runs', 'SCHEMA_VERSION', 'to_json_safe']
 
-SCHEMA_VERSION = 2  # 2: `labels` (diagnosis provenance), `linear_probe.n_excluded`, `zero_shot.pairs`
+SCHEMA_VERSION = 3  # 3: prior-corrected zero-shot, prompt spread, by_scale, attention_by_scale, bounds
 
 
 def to_json_safe(obj):
@@ -103,18 +107,56 @@ def _pick_attention_patients(emb: Embeddings, n: int, seed: int) -> list[int]:
     return sorted(chosen)
 
 
-def _zero_shot(emb, encode_text, scale, prompts, y, topj, boot, dx_outside) -> tuple[dict, dict, list]:
-    """Patient-level and image-level (top-j pooled) zero-shot blocks, their probabilities and comparisons."""
+def _prior_corrected(logits, y, classes, excluded, boot, train_prior) -> dict:
+    """Label-free prior corrections of the patient-level zero-shot (``priors``), fitted on every evaluated patient
+    (labelled or not) and scored on the labelled ones."""
+    labelled = y >= 0
+    variants = {'mean_logprob': softmax(mean_logprob_correction(logits)), 'ot_uniform': ot_assignment(logits)}
+    if train_prior is not None:
+        variants['ot_train_prior'] = ot_assignment(logits, train_prior)
+    out = {k: _classification_block(y[labelled], p[labelled], classes, excluded, boot) for k, p in variants.items()}
+    out['definitions'] = {
+        'mean_logprob': 'log p(c|x) minus its mean over the evaluated patients, then softmax (no labels used)',
+        'ot_uniform': 'Sinkhorn rescaling so predicted class masses are uniform (OTTER), arg-max per patient',
+        'ot_train_prior': 'as ot_uniform, to the class frequencies of the train split (train labels only)'}
+    return out
+
+
+def _prompt_spread(emb, texts, prompts, scale, y, n_subsets, seed) -> dict:
+    """Patient-level zero-shot with one random (synonym, template) text per class, over ``n_subsets`` such sets."""
+    labelled = y >= 0
+    if not labelled.any() or n_subsets < 1:
+        return {'n_subsets': 0}
+    scores = {'balanced_accuracy': [], 'roc_auc_macro_ovr': []}
+    for chosen in prompt_subsets(prompts, n_subsets, seed):
+        class_emb = np.stack([texts[c][i] for c, i in enumerate(chosen)])
+        m = headline_metrics(y[labelled], softmax(zero_shot_logits(emb.patient[labelled], class_emb, scale)))
+        for k in scores:
+            scores[k].append(m[k])
+    return {'n_subsets': n_subsets, 'texts_per_class': 1, 'seed': seed,
+            **{k: spread(v) for k, v in scores.items()}}
+
+
+def _zero_shot(emb, encode_text, scale, prompts, y, topj, boot, dx_outside, train_prior=None,
+               n_prompt_subsets: int = 50) -> tuple[dict, dict, list]:
+    """Patient-level and image-level (top-j pooled) zero-shot blocks, their probabilities and comparisons; the
+    prior-corrected variants and the prompt-subset spread of the patient level."""
     classes = prompts.classes
-    cls_emb = class_embeddings(encode_text, prompts)
+    texts = text_embeddings(encode_text, prompts)
+    cls_emb = ensemble(texts)
     labelled = y >= 0
     excluded = {'no_diagnosis': int((y == -1).sum()), 'diagnosis_not_in_classes': int((y == -2).sum()),
                 'no_images': 0}
-    probs = {'patient': softmax(zero_shot_logits(emb.patient, cls_emb, scale))}
+    logits = zero_shot_logits(emb.patient, cls_emb, scale)
+    probs = {'patient': softmax(logits)}
     out = {'patient': _classification_block(y[labelled], probs['patient'][labelled], classes, excluded, boot),
+           'prior_corrected': _prior_corrected(logits, y, classes, excluded, boot, train_prior),
+           'prompt_subsets': _prompt_spread(emb, texts, prompts, scale, y, n_prompt_subsets, boot['seed']),
            'image_topj': {}, 'diagnoses_not_in_classes': dx_outside}
     comparisons = []
     image_logits = zero_shot_logits(emb.image, cls_emb, scale) if emb.n_images else np.zeros((0, len(classes)))
+    out['_image_probs'] = softmax(image_logits) if emb.n_images else image_logits  # popped by evaluate()
+    out['_class_emb'] = cls_emb
     for j in topj:
         pooled = topj_pool(image_logits, emb.image_patient, emb.n_patients, j)
         has_images = np.isfinite(pooled).all(1)
@@ -157,7 +199,9 @@ def evaluate(embeddings: Embeddings | str | Path, encode_text: Callable[[list[st
              probe_cs: Sequence[float] = DEFAULT_CS, probe_refit: str = 'train+val',
              max_image_queries: int | None = 10000, chunk_size: int | None = None, figures: bool = True,
              n_attention_patients: int = 4, n_attention_images: int = 3, image_root: str | Path | None = None,
-             name: str | None = None, pairs: Sequence[Sequence[str]] | None = None) -> dict:
+             name: str | None = None, pairs: Sequence[Sequence[str]] | None = None,
+             n_prompt_subsets: int = 50, shots: Sequence[int] = (1, 4, 16),
+             supervised: dict | None = None) -> dict:
     """Evaluate one model's embeddings on ``split`` and write ``metrics.json``, ``predictions.csv`` and PNG figures.
 
     Args:
@@ -173,6 +217,11 @@ def evaluate(embeddings: Embeddings | str | Path, encode_text: Callable[[list[st
         max_image_queries: image->image queries are a seeded sample of this many labelled images (None = all).
         pairs: confusable pairs (a, b) scored within the pair (``zero_shot.pairs``); None = the embedded cohort's
             pairs from its disease specification, where both classes are evaluated.
+        n_prompt_subsets: random one-text-per-class prompt sets for ``zero_shot.prompt_subsets`` (0 skips).
+        shots: labelled train patients per class of the few-shot probe (``bounds.few_shot_probe``; () skips).
+        supervised: the result of ``bounds.supervised_mil`` on the same cohort and classes (the supervised MIL
+            upper bound, trained on cached trunk features; it does not depend on the model, so callers compute it
+            once per cohort); None leaves it out.
     Returns:
         The metrics dictionary that was written to ``out_dir/metrics.json``.
     """
@@ -199,14 +248,18 @@ def evaluate(embeddings: Embeddings | str | Path, encode_text: Callable[[list[st
         'bootstrap': {**boot, 'method': 'percentile', 'unit': 'patient'}, 'meta': emb_all.meta,
     }
 
-    probs, comparisons = {}, []
+    probs, comparisons, image_probs, class_emb = {}, [], None, None
     if encode_text is None:
         metrics['zero_shot'] = {'skipped': 'no text encoder given'}
     elif not math.isfinite(scale):
         raise ValueError('zero-shot needs a logit scale: pass logit_scale or store it in the embeddings')
     else:
+        y_train = _label_indices(emb_all.diagnosis[emb_all.split == 'train'], classes)
+        train_prior = np.bincount(y_train[y_train >= 0], minlength=len(classes)) if (y_train >= 0).any() else None
         metrics['zero_shot'], probs, comparisons = _zero_shot(emb, encode_text, scale, prompts, y, topj, boot,
-                                                              dx_outside)
+                                                              dx_outside, train_prior, n_prompt_subsets)
+        image_probs = metrics['zero_shot'].pop('_image_probs')
+        class_emb = metrics['zero_shot'].pop('_class_emb')
         labelled = y >= 0
         metrics['zero_shot']['pairs'] = pair_metrics(y[labelled], probs['patient'][labelled], classes,
                                                      pairs_in(classes, pairs), **boot)
@@ -216,6 +269,9 @@ def evaluate(embeddings: Embeddings | str | Path, encode_text: Callable[[list[st
         tasks += [report_image_retrieval(emb, chunk_size),
                   image_image_retrieval(emb, chunk_size, max_queries=max_image_queries, seed=seed)]
     metrics['retrieval'] = {t.name: summarize_retrieval(t, ks, **boot) for t in tasks}
+    i2i = next((t for t in tasks if t.name == 'image_to_image'), None)
+    metrics['by_scale'] = by_scale(emb, y, image_probs, i2i)
+    metrics['attention_by_scale'] = attention_by_scale(emb, y, classes)
 
     if probe and split in (None, 'train', 'val'):
         metrics['linear_probe'] = {'skipped': f'the probe trains on train/val, so it cannot be scored on {split!r}'}
@@ -231,10 +287,12 @@ def evaluate(embeddings: Embeddings | str | Path, encode_text: Callable[[list[st
             for s in ('train', 'val', split)}
     else:
         metrics['linear_probe'] = {'skipped': 'disabled'}
+    metrics['bounds'] = _bounds(emb_all, classes, split, shots, supervised, boot) if split in ('test',) else {
+        'skipped': f'supervised bounds train on train/val and are scored on test, not {split!r}'}
     metrics['comparisons'] = comparisons
 
     metrics['figures'] = _write_figures(emb, y, probs, metrics, tasks, out_dir, seed, n_attention_patients,
-                                        n_attention_images, image_root) if figures else {}
+                                        n_attention_images, image_root, class_emb) if figures else {}
     if probs:
         table = pd.DataFrame({'patient_id': emb.patient_ids, 'diagnosis': emb.diagnosis})
         for key, p in probs.items():
@@ -248,8 +306,39 @@ def evaluate(embeddings: Embeddings | str | Path, encode_text: Callable[[list[st
     return metrics
 
 
-def _write_figures(emb, y, probs, metrics, tasks, out_dir, seed, n_patients, n_images, image_root) -> dict:
+def _bounds(emb_all: Embeddings, classes: list[str], split: str, shots, supervised, boot) -> dict:
+    """Few-shot probe on patient embeddings and the given supervised MIL result, both on train labels only."""
+    y_all = _label_indices(emb_all.diagnosis, classes)
+    tr, te = (emb_all.split == 'train') & (y_all >= 0), (emb_all.split == split) & (y_all >= 0)
+    out = {'few_shot_probe': few_shot_probe(emb_all.patient[tr], y_all[tr], emb_all.patient[te], y_all[te],
+                                            len(classes), shots) if shots else {'skipped': 'disabled'}}
+    if supervised is None or 'skipped' in supervised:
+        out['supervised_mil'] = supervised or {'skipped': 'not computed (needs cached trunk features)'}
+        return out
+    res = dict(supervised)
+    ids, probs = res.pop('test_patient_ids'), np.asarray(res.pop('test_probs'))
+    row = {str(p): i for i, p in enumerate(emb_all.patient_ids)}
+    rows = np.array([row[p] for p in ids])
+    block = _classification_block(y_all[rows], probs, classes, {}, boot)
+    out['supervised_mil'] = {**res, **{k: block[k] for k in HEADLINE_METRICS}, 'n': block['n'],
+                             'confusion_matrix': block['confusion_matrix']}
+    return out
+
+
+def _write_figures(emb, y, probs, metrics, tasks, out_dir, seed, n_patients, n_images, image_root,
+                   class_emb=None) -> dict:
     written = {}
+    if metrics['by_scale']['bins']:
+        F.save_figure(maps.plot_by_scale(metrics['by_scale']), out_dir / 'by_scale.png')
+        F.save_figure(maps.plot_attention_by_scale(metrics['attention_by_scale']), out_dir / 'attention_by_scale.png')
+        written.update(by_scale='by_scale.png', attention_by_scale='attention_by_scale.png')
+    if emb.n_patients >= 4:
+        F.save_figure(maps.embedding_map(emb, y, metrics['classes'], seed), out_dir / 'embedding_map.png')
+        written['embedding_map'] = 'embedding_map.png'
+    if class_emb is not None:
+        F.save_figure(maps.plot_prompt_similarity(class_emb, metrics['classes'], emb.patient, y),
+                      out_dir / 'prompt_similarity.png')
+        written['prompt_similarity'] = 'prompt_similarity.png'
     zs = metrics['zero_shot'].get('patient')
     if zs and zs['n']:
         rows = y >= 0

@@ -27,6 +27,7 @@ class RetrievalResult:
     n_items: int
     definition: str
     n_queries_total: int | None = None  # before any subsampling of queries
+    query_index: np.ndarray | None = None  # image row of each query (image queries only)
 
 
 def patient_report_retrieval(emb: Embeddings, chunk_size: int | None = None) -> list[RetrievalResult]:
@@ -80,7 +81,7 @@ def image_image_retrieval(emb: Embeddings, chunk_size: int | None = None, max_qu
                                             chunk_size=chunk_size)
     return RetrievalResult('image_to_image', ranks, owner[queries], emb.n_images,
                            'query: labelled image; gallery: images of other patients in the split; positive: same '
-                           'diagnosis (PLIP p@K)', n_queries_total=n_total)
+                           'diagnosis (PLIP p@K)', n_queries_total=n_total, query_index=queries)
 
 
 def summarize_retrieval(result: RetrievalResult, ks=(1, 5, 10, 50), n_boot: int = 1000, seed: int = 0,

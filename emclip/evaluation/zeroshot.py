@@ -17,7 +17,7 @@ import yaml
 
 __all__ = [
     'PromptSet', 'GENERIC_TEMPLATES', 'load_prompts', 'prompts_from_diagnoses', 'resolve_prompts',
-    'class_embeddings', 'zero_shot_logits', 'softmax', 'topj_pool',
+    'class_embeddings', 'text_embeddings', 'ensemble', 'zero_shot_logits', 'softmax', 'topj_pool',
 ]
 
 # EM-generic (not renal-specific) templates used when classes come from a cohort's diagnosis values
@@ -102,19 +102,27 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], prompts: PromptSet,
-                     batch_size: int = 256) -> np.ndarray:
-    """Re-normalised mean of the normalised embeddings of every (synonym x template) text, one row per class."""
+def text_embeddings(encode_text: Callable[[list[str]], torch.Tensor], prompts: PromptSet,
+                    batch_size: int = 256) -> list[np.ndarray]:
+    """Normalised embedding of every (synonym x template) text: one [n_texts, D] array per class, in class order."""
     texts = [prompts.texts(c) for c in prompts.classes]
     flat = [t for group in texts for t in group]
     parts = [torch.as_tensor(encode_text(flat[i:i + batch_size])).float().cpu() for i in range(0, len(flat),
                                                                                                   batch_size)]
-    emb = _normalize(torch.cat(parts))  # re-normalise: encoders may be called outside their normalising wrapper
-    out, start = [], 0
-    for group in texts:
-        out.append(_normalize(emb[start:start + len(group)].mean(0)))
-        start += len(group)
-    return torch.stack(out).numpy()
+    emb = _normalize(torch.cat(parts)).numpy()  # re-normalise: encoders may be called outside their wrapper
+    bounds = np.cumsum([0] + [len(g) for g in texts])
+    return [emb[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def ensemble(per_class: list[np.ndarray]) -> np.ndarray:
+    """Class embeddings from text embeddings: the re-normalised mean of each class's texts."""
+    return _normalize(torch.from_numpy(np.stack([t.mean(0) for t in per_class]))).numpy()
+
+
+def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], prompts: PromptSet,
+                     batch_size: int = 256) -> np.ndarray:
+    """Re-normalised mean of the normalised embeddings of every (synonym x template) text, one row per class."""
+    return ensemble(text_embeddings(encode_text, prompts, batch_size))
 
 
 def zero_shot_logits(embeddings: np.ndarray, class_emb: np.ndarray, scale: float, chunk: int = 65536) -> np.ndarray:

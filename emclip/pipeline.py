@@ -165,7 +165,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", n_boot: int = 1000, t
     """Full evaluation protocol of a trained run on ``split``: writes ``<run>/<name>/metrics.json`` and figures.
 
     With ``reuse``, an evaluation already in ``<run>/eval`` that is newer than the run's best checkpoint and used the
-    same split and bootstrap size is returned instead of being recomputed. ``out`` also receives a copy.
+    same split, bootstrap size and metrics schema is returned instead of being recomputed. ``out`` also receives a copy.
     """
     import shutil
     run = resolve(run_dir)
@@ -174,7 +174,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", n_boot: int = 1000, t
     best = run / "checkpoints" / "best" / "model.safetensors"
     if reuse and metrics_path.exists() and best.exists() and metrics_path.stat().st_mtime > best.stat().st_mtime:
         metrics = json.loads(metrics_path.read_text())
-        if metrics.get("split") != split or metrics.get("bootstrap", {}).get("n_boot") != n_boot:
+        from .evaluation.report import SCHEMA_VERSION
+        if (metrics.get("split") != split or metrics.get("bootstrap", {}).get("n_boot") != n_boot
+                or metrics.get("schema_version") != SCHEMA_VERSION):   # written by an older emclip: redo
             metrics = None
     else:
         metrics = None

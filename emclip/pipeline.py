@@ -287,7 +287,8 @@ def _refresh_summary(out: Path) -> None:
                  "features_pca_by_scale.png", "cohort_grid.png"):
         if (out / name).exists():
             shutil.copy2(out / name, dest / ("ablation_metrics.json" if name == "metrics.json" else name))
-    for name in ("roc.png", "confusion_matrix.png", "recall_at_k.png", "attention.png", "metrics.json"):
+    for name in ("roc.png", "confusion_matrix.png", "recall_at_k.png", "attention.png", "metrics.json", "by_scale.png",
+                 "attention_by_scale.png", "embedding_map.png", "prompt_similarity.png"):
         if (out / "evaluation" / name).exists():
             shutil.copy2(out / "evaluation" / name, dest / f"evaluation_{name}")
 

@@ -7,6 +7,8 @@ is wrong. Nothing is dropped silently: either loading fails with all problems li
 from __future__ import annotations
 
 import math
+import re
+import csv
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,9 @@ from .splits import DEFAULT_FRACTIONS, SPLITS, assign_splits
 IMAGE_COLUMNS = ("patient_id", "path", "nm_per_pixel")
 REPORT_COLUMNS = ("patient_id", "report")
 CHECK_LEVELS = ("none", "exists", "decode")
+# nm per pixel outside this range is almost surely another unit (µm: 0.002-0.1) or a typo; refused with the reason.
+NM_PER_PIXEL_RANGE = (0.1, 50000.0)
+_STRICT_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 UNLABELLED = "(no diagnosis)"  # how summaries and tables show a patient whose diagnosis_source is "none"
 
 
@@ -123,6 +128,19 @@ def _read_table(root: Path, stem: str, problems: list[Problem]) -> tuple[pd.Data
         problems.append(Problem(path.name, None, f"cannot read table ({type(err).__name__}: {err})"))
         return None, path.name
     df.columns = [str(c).strip() for c in df.columns]
+    if path.suffix == ".csv":   # pandas renames a repeated header "report" to "report.1": refuse, never pick one
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            header = [h.strip().strip('"') for h in next(csv.reader([fh.readline()]), [])]
+        dup = sorted({h for h in header if header.count(h) > 1})
+    else:
+        dup = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
+    if dup:
+        problems.append(Problem(path.name, None, f"duplicate column(s) {', '.join(map(repr, dup))}: which one is "
+                                                 f"meant is ambiguous; keep one"))
+        return None, path.name
+    if df.empty:
+        problems.append(Problem(path.name, None, "the table has a header but no rows"))
+        return None, path.name
     return df, path.name
 
 
@@ -151,8 +169,8 @@ def _check_images_table(df: pd.DataFrame, name: str, root: Path, problems: list[
         seen_path.setdefault(full, row)
         paths.append(full)
         text = _text(raw_scale)
-        try:
-            scale = float(text)
+        try:  # strict: float() would read "4_2" as 42.0 and " inf" as infinity
+            scale = float(text) if _STRICT_NUMBER.fullmatch(text) or text.lower() in ("inf", "-inf", "nan") else None
         except ValueError:
             scale = None
         if text == "":
@@ -163,6 +181,12 @@ def _check_images_table(df: pd.DataFrame, name: str, root: Path, problems: list[
             problems.append(Problem(name, row, f"nm_per_pixel {text!r} is not finite", pid or None))
         elif scale <= 0:
             problems.append(Problem(name, row, f"nm_per_pixel {text!r} must be > 0", pid or None))
+        elif not NM_PER_PIXEL_RANGE[0] <= scale <= NM_PER_PIXEL_RANGE[1]:
+            hint = " (a value in µm? multiply by 1000)" if scale < NM_PER_PIXEL_RANGE[0] else ""
+            problems.append(Problem(name, row, f"nm_per_pixel {text!r} is outside the plausible "
+                                               f"{NM_PER_PIXEL_RANGE[0]:g}-{NM_PER_PIXEL_RANGE[1]:g} nm/px{hint}",
+                                    pid or None))
+            scale = -1.0
         if scale is None or not math.isfinite(scale) or scale <= 0:
             bad.add(i)
             scale = float("nan")

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", default="renal", help="'renal', 'chexpert' or a path to a vocabulary YAML file")
     parser.add_argument("--out", type=Path, required=True,
                         help="output CSV (required: nothing is written beside your reports unless you ask)")
+    parser.add_argument("--force", action="store_true", help="overwrite --out if it already exists")
     parser.add_argument("--text-column", default="report", help="column holding the report text (default: report)")
     parser.add_argument("--id-column", default="patient_id",
                         help="id column copied to the output (default: patient_id)")
@@ -73,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
                                 progress=sys.stderr.isatty())
     out = args.out
     if out.resolve() == args.reports.resolve():
-        print(f"error: refusing to overwrite the input {args.reports}; pass --out", file=sys.stderr)
+        print(f"error: refusing to overwrite the input {args.reports}; pass another --out", file=sys.stderr)
+        return 2
+    if out.exists() and not args.force:
+        print(f"error: {out} exists; pass --force to overwrite it, or another --out", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)

@@ -23,7 +23,9 @@ SELECT_ON = ("val_recall", "val_loss")
 class TrainConfig:
     # data
     data_dir: str = "data/demo_cohort"       # cohort folder; relative paths resolve against the project root
-    generate_patients: int = 500             # a missing data_dir is generated as an embedded cohort of this size
+    generate_cohort: bool = True             # a missing data_dir may be generated as the embedded cohort; off as soon
+    #                                          as data_dir is given explicitly (a path the user names is never written)
+    generate_patients: int = 500             # size of a generated cohort
     generate_image_size: int = 256           # image side (px) of a generated cohort
     data_seed: int = 0                       # seed of the generated cohort and of seeded splits
     label_vocab: str | None = "renal"        # report labeler vocabulary for patients without a given diagnosis
@@ -179,7 +181,10 @@ def load_config(params: str | Path | None = None, overrides: list[str] | dict | 
             raise FileNotFoundError(f"parameter set {params!r} not found: {path}")
         raw = yaml.safe_load(path.read_text()) or {}
         values.update(raw.get("train", raw) if isinstance(raw, dict) else {})
-    values.update(parse_overrides(overrides))
+    given = parse_overrides(overrides)
+    if "data_dir" in given and "generate_cohort" not in given:
+        given["generate_cohort"] = False  # a data_dir named on the command line or in a notebook is the user's
+    values.update(given)
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

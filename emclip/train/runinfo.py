@@ -36,14 +36,25 @@ def write_run_info(run: Path, cfg, model, cohort) -> None:
     write_text_atomic(run / "run_info.json", json.dumps(info, indent=2, default=str) + "\n")
 
 
+def _has_tables(path: Path) -> bool:
+    return any((path / f"{stem}{ext}").is_file() for stem in ("images", "reports") for ext in (".csv", ".parquet", ".pq"))
+
+
 def ensure_cohort(cfg, accelerator=None, log=print):
-    """Load ``cfg.data_dir``; if the folder does not exist, generate the embedded cohort there first."""
+    """Load ``cfg.data_dir``. Only the parameter set's own demo path is ever generated, and only into a folder that
+    does not exist yet (or is empty): a folder the user names, or one holding anything, is never written to."""
     path = cfg.data_path
     is_main = accelerator is None or accelerator.is_main_process
-    if not (path / "reports.csv").exists():
+    if not _has_tables(path):
+        empty = not path.exists() or (path.is_dir() and not any(path.iterdir()))
+        if not (cfg.generate_cohort and empty):
+            why = ("the folder is not empty, so nothing is generated into it" if not empty else
+                   "a data_dir you name is never generated into (only a parameter set's own demo cohort is)")
+            raise FileNotFoundError(f"data_dir {path} has no cohort tables (images.csv + reports.csv, or .parquet): "
+                                    f"{why}. Check the path, or write the tables (README: the data contract).")
         if is_main:
             from ..synthetic import generate_cohort
-            log(f"{path} has no cohort: generating the embedded cohort ({cfg.generate_patients} patients, "
+            log(f"{path} does not exist: generating the embedded cohort there ({cfg.generate_patients} patients, "
                 f"seed {cfg.data_seed})")
             generate_cohort(path, cfg.generate_patients, seed=cfg.data_seed, image_size=cfg.generate_image_size)
         if accelerator is not None:

@@ -78,3 +78,23 @@ def test_the_labels_cli_never_overwrites_without_force(tmp_path, capsys):
     assert labels_main([str(src), "--out", str(out), "--force"]) == 0
     assert "minimal change disease" in out.read_text()
     assert os.path.getsize(src) > 0
+
+
+def test_na_like_diagnoses_are_missing_and_case_variants_take_the_vocabulary_spelling(cohort_copy):
+    reports = pd.read_csv(cohort_copy / "reports.csv", dtype=str, keep_default_na=False)
+    truth = reports.diagnosis.copy()
+    reports.loc[0, "diagnosis"] = "N/A"
+    reports.loc[1, "diagnosis"] = " ".join(w.upper() for w in truth[1].split())     # e.g. "IGA NEPHROPATHY"
+    reports.to_csv(cohort_copy / "reports.csv", index=False)
+    rep = load_cohort(cohort_copy, check_images="none").reports
+    assert rep.diagnosis_source[0] in ("labeler", "none") and "given value 'N/A' read as missing" in rep.diagnosis_note[0]
+    assert rep.diagnosis[1] == truth[1] and rep.diagnosis_source[1] == "given" and "read as" in rep.diagnosis_note[1]
+
+
+@pytest.mark.parametrize("text", ["NA", "-", "\u200b", " n/a "])
+def test_empty_like_reports_are_refused(cohort_copy, text):
+    reports = pd.read_csv(cohort_copy / "reports.csv", dtype=str, keep_default_na=False)
+    reports.loc[4, "report"] = text
+    reports.to_csv(cohort_copy / "reports.csv", index=False)
+    with pytest.raises(CohortError, match=r"reports.csv, row 5 .*report is empty"):
+        load_cohort(cohort_copy, check_images="none")

@@ -150,6 +150,17 @@ def _text(value) -> str:
     return str(value).strip()
 
 
+# Cell values that mean "nothing here" in exported spreadsheets; zero-width and other invisible characters too.
+NA_TOKENS = {"na", "n/a", "n.a.", "nan", "none", "null", "-", "--", "?", "unknown", "missing", "not available"}
+_INVISIBLE = re.compile(r"[\s\u200b\u200c\u200d\u2060\ufeff]+")
+
+
+def is_blank(value) -> bool:
+    """True for empty cells, NA-like tokens ("N/A", "-", "none") and text of invisible characters only."""
+    text = _INVISIBLE.sub(" ", _text(value)).strip()
+    return not text or text.lower() in NA_TOKENS
+
+
 def _check_images_table(df: pd.DataFrame, name: str, root: Path, problems: list[Problem]) -> pd.DataFrame:
     bad = set()
     seen_path: dict[str, int] = {}
@@ -247,8 +258,10 @@ def _check_reports_table(df: pd.DataFrame, name: str, problems: list[Problem]) -
                 problems.append(Problem(name, row, f"duplicate patient_id (also row {j})", pid))
             bad[i] = bad[j - 1] = True
         first_row.setdefault(pid, row)
-        if not _text(text):
-            problems.append(Problem(name, row, "report is empty", pid))
+        if is_blank(text):
+            shown = _text(text)
+            problems.append(Problem(name, row, "report is empty" + (f" ({shown!r} is not a report)" if shown else ""),
+                                    pid))
             bad[i] = True
         if has_split and splits[i] not in SPLITS:
             shown = splits[i] or "(empty)"

@@ -141,10 +141,17 @@ def assign_diagnoses(reports: pd.DataFrame, options: LabelOptions, labels_table:
     """``reports`` with ``diagnosis``, ``diagnosis_source`` and ``diagnosis_note`` filled, and a summary dict.
 
     ``labels_table`` is the checked labels file (``read_labels_file``) when ``options.labels_file`` is set."""
+    from .cohort import is_blank
     reports = reports.copy()
-    given = ([None if _blank(d) else str(d).strip() for d in reports.diagnosis] if "diagnosis" in reports.columns
-             else [None] * len(reports))
-    diagnosis, source, note = list(given), ["given" if d else "none" for d in given], [""] * len(reports)
+    raw = list(reports.diagnosis) if "diagnosis" in reports.columns else [None] * len(reports)
+    given = [None if is_blank(d) else str(d).strip() for d in raw]
+    na_note = [f"given value {str(d).strip()!r} read as missing" if d is not None and not _blank(d) and g is None
+               else "" for d, g in zip(raw, given)]
+    note = [""] * len(reports)
+    given, spelled = _canonical(given, options.vocab)
+    for i, old in spelled.items():
+        note[i] = f"given as {old!r}, read as {given[i]!r} (the {options.vocab} vocabulary's spelling)"
+    diagnosis, source = list(given), ["given" if d else "none" for d in given]
     todo = [i for i, d in enumerate(given) if d is None]
     hedged = 0
     derived: dict[int, tuple[str | None, int | None, str]] = {}
@@ -175,6 +182,7 @@ def assign_diagnoses(reports: pd.DataFrame, options: LabelOptions, labels_table:
             hedged += v == -1
             diagnosis[i], source[i] = d, "labeler"
             note[i] = where + ("; hedged, counted as positive (label_uncertain=positive)" if v == -1 else "")
+    note = [f"{a}; {b}" if a and b else a or b for a, b in zip(na_note, note)]
     # object columns: pandas 3 would infer a string dtype and turn the None of "no diagnosis" into NaN (truthy)
     for column, values in (("diagnosis", diagnosis), ("diagnosis_source", source), ("diagnosis_note", note)):
         reports[column] = pd.Series(values, index=reports.index, dtype=object)
@@ -184,6 +192,23 @@ def assign_diagnoses(reports: pd.DataFrame, options: LabelOptions, labels_table:
     if options.labels_file is not None and labels_table is not None:
         info["labels_file_rows_unmatched"] = int((~labels_table.patient_id.isin(set(reports.patient_id))).sum())
     return reports, info
+
+
+def _canonical(given: list[str | None], vocab: str | None) -> tuple[list[str | None], dict[int, str]]:
+    """Given diagnoses spelled like a vocabulary diagnosis up to case and spaces ("Normal", "IgA  nephropathy") take
+    the vocabulary's spelling, so that they match the bundled prompts; returns the values and {row: old spelling}."""
+    if not vocab or not any(given):
+        return given, {}
+    from ..labels import load_vocab
+    names = {" ".join(n.split()).casefold(): n for n, spec in load_vocab(vocab).labels.items()
+             if spec.kind == "diagnosis"}
+    out, changed = list(given), {}
+    for i, d in enumerate(given):
+        if d is not None:
+            canon = names.get(" ".join(d.split()).casefold())
+            if canon is not None and canon != d:
+                out[i], changed[i] = canon, d
+    return out, changed
 
 
 def source_counts(reports: pd.DataFrame, splits) -> dict:

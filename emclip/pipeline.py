@@ -198,29 +198,6 @@ def evaluate_run(run_dir: str | Path, split: str = "test", n_boot: int = 1000, t
     return metrics
 
 
-def _fmt_ci(block) -> str:
-    if not block or block.get("ci_low") is None:
-        return ""
-    return f"[{block['ci_low']:.3f}, {block['ci_high']:.3f}]"
-
-
-def _fmt_block(block: dict | None) -> str:
-    """``0.912 [0.850, 0.960]``; an undefined value (null in metrics.json, e.g. an AUC with one class) as such."""
-    if not block or block.get("value") is None:
-        return "undefined"
-    ci = _fmt_ci(block)
-    return f"{block['value']:.3f}" + (f" {ci}" if ci else "")
-
-
-def zero_shot_sentence(metrics: dict) -> str:
-    """The headline of a run's evaluation in one line: patient-level zero-shot AUC and balanced accuracy."""
-    zs = metrics["zero_shot"].get("patient")
-    if not zs:
-        return f"**Zero-shot** skipped: {metrics['zero_shot'].get('skipped', 'no result')}."
-    return (f"**Zero-shot on {zs['n']} labelled {metrics.get('split') or 'all'} patients:** ROC-AUC (macro OvR) "
-            f"{_fmt_block(zs['roc_auc_macro_ovr'])}, balanced accuracy {_fmt_block(zs['balanced_accuracy'])}")
-
-
 def label_sentence(metrics: dict) -> str:
     """One sentence for a report: where the evaluated patients' diagnoses came from and who was left out."""
     lab = metrics.get("labels")

@@ -98,3 +98,83 @@ def test_empty_like_reports_are_refused(cohort_copy, text):
     reports.to_csv(cohort_copy / "reports.csv", index=False)
     with pytest.raises(CohortError, match=r"reports.csv, row 5 .*report is empty"):
         load_cohort(cohort_copy, check_images="none")
+
+
+def _problems(folder, **kw) -> list[str]:
+    with pytest.raises(CohortError) as err:
+        load_cohort(folder, **kw)
+    return [str(p) for p in err.value.problems]
+
+
+def test_a_split_column_only_in_images_csv_is_refused(cohort_copy):
+    images = pd.read_csv(cohort_copy / "images.csv")
+    reports = pd.read_csv(cohort_copy / "reports.csv")
+    images["split"] = images.patient_id.map(dict(zip(reports.patient_id, reports.split)))
+    images.to_csv(cohort_copy / "images.csv", index=False)
+    reports.drop(columns="split").to_csv(cohort_copy / "reports.csv", index=False)
+    assert _problems(cohort_copy) == ["images.csv: has a split column but reports.csv does not: splits are per "
+                                      "patient and read from reports.csv only; move the column there (or delete it "
+                                      "for seeded splits)"]
+
+
+def _two_patients(cohort: Path, same_split: bool):
+    """(images table, row index of a train image, row index of an image of another patient in train or test)."""
+    images = pd.read_csv(cohort / "images.csv")
+    split = dict(pd.read_csv(cohort / "reports.csv")[["patient_id", "split"]].values)
+    split_of = images.patient_id.map(split)
+    src = images.index[split_of == "train"][0]
+    other = images.index[(split_of == ("train" if same_split else "test"))
+                         & (images.patient_id != images.patient_id[src])][0]
+    return images, src, other
+
+
+@pytest.mark.parametrize("how, level, what", [("hardlink", "exists", "the same file"),
+                                              ("copy", "decode", "identical pixels")])
+def test_content_shared_across_splits_is_leakage(cohort_copy, how, level, what):
+    images, src, other = _two_patients(cohort_copy, same_split=False)
+    target = cohort_copy / images.path[other]
+    target.unlink()
+    if how == "hardlink":
+        os.link(cohort_copy / images.path[src], target)
+    else:   # the same pixels under another name: a TIFF re-saved as PNG
+        from PIL import Image
+        import tifffile
+        new = target.with_suffix(".png")
+        Image.fromarray(tifffile.imread(cohort_copy / images.path[src])).save(new)
+        images.loc[other, "path"] = str(Path(images.path[other]).with_suffix(".png"))
+        images.to_csv(cohort_copy / "images.csv", index=False)
+    problems = _problems(cohort_copy, check_images=level)
+    assert problems == [f"images.csv, row {other + 1} (patient {images.patient_id[other]}): {what} as row {src + 1} "
+                        f"(patient {images.patient_id[src]}, train split): leakage across splits (test here); "
+                        f"remove the copy or fix the patient"]
+    kept = load_cohort(cohort_copy, check_images=level, drop_invalid=True)   # --drop-invalid drops the copy only
+    assert kept.dropped["images"] == 1 and len(kept.images) == len(images) - 1
+
+
+def test_content_shared_within_a_split_is_a_warning(cohort_copy):
+    images, src, other = _two_patients(cohort_copy, same_split=True)
+    target = cohort_copy / images.path[other]
+    target.unlink()
+    os.link(cohort_copy / images.path[src], target)
+    cohort = load_cohort(cohort_copy)
+    assert cohort.content_warnings == [f"images.csv, row {other + 1} (patient {images.patient_id[other]}): the same "
+                                       f"file as row {src + 1} (patient {images.patient_id[src]}, train split)"]
+    assert cohort.summary()["shared_images"] == 1 and "_file_id" not in cohort.images.columns
+
+
+def test_cohorts_too_small_for_the_splits_are_refused(cohort_copy, capsys):
+    from emclip.data.__main__ import main as check_main
+    reports = pd.read_csv(cohort_copy / "reports.csv")
+    images = pd.read_csv(cohort_copy / "images.csv")
+    one = reports.patient_id[0]
+    reports[reports.patient_id == one].drop(columns="split").to_csv(cohort_copy / "reports.csv", index=False)
+    images[images.patient_id == one].to_csv(cohort_copy / "images.csv", index=False)
+    assert check_main(["check", str(cohort_copy), "--images", "none"]) == 2
+    assert ("reports.csv: the val and test splits are empty (1 train, 0 val, 0 test): training needs train and val, "
+            "evaluation needs test; 1 patient(s) are too few for seeded 70/15/15 splits: add patients or a split "
+            "column") in capsys.readouterr().out
+    reports.assign(split="test").to_csv(cohort_copy / "reports.csv", index=False)   # every patient in test
+    images.to_csv(cohort_copy / "images.csv", index=False)
+    assert _problems(cohort_copy, check_images="none") == [
+        "reports.csv: the train and val splits are empty (0 train, 0 val, 20 test): training needs train and val, "
+        "evaluation needs test; the split column leaves it empty: give every split patients"]

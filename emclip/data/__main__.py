@@ -41,6 +41,9 @@ def _print_summary(s: dict) -> None:
             print(f"    {name:<{width}} {counts['train']:>5} {counts['val']:>5} {counts['test']:>5}")
     else:
         print("  diagnoses           none (zero-shot evaluation, the probe and the diagnosis audit will be skipped)")
+    if s.get("shared_images"):
+        print(f"  shared images       {s['shared_images']} image(s) are also another patient's in the same split "
+              f"(weigh twice; listed above)")
     if "dropped" in s:
         print(f"  dropped             {s['dropped']['images']} image(s), {s['dropped']['patients']} patient(s)")
 
@@ -73,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     if cohort is None:
         print(f"{len(problems)} problem(s) found in {args.dir}", file=sys.stderr)
         return 2
+    for line in cohort.content_warnings:
+        print(f"warning: {line}", file=sys.stderr)
     if args.json:
         print(json.dumps(cohort.summary(), indent=2))
     else:

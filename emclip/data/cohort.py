@@ -6,9 +6,12 @@ is wrong. Nothing is dropped silently: either loading fails with all problems li
 """
 from __future__ import annotations
 
-import math
-import re
 import csv
+import hashlib
+import math
+import os
+import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +65,7 @@ class Cohort:
     dropped: dict = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     labels: dict = field(default_factory=dict)  # where the diagnoses came from (emclip.data.diagnoses)
+    content_warnings: list[str] = field(default_factory=list)  # images shared by two patients of one split
 
     def patient_ids(self, split: str | None = None) -> list[str]:
         rep = self.reports if split is None else self.reports[self.reports.split == split]
@@ -106,6 +110,8 @@ class Cohort:
         out["labels"] = {**self.labels, "by_split": source_counts(self.reports, SPLITS)}
         if self.dropped:
             out["dropped"] = dict(self.dropped)
+        if self.content_warnings:
+            out["shared_images"] = len(self.content_warnings)
         return out
 
 
@@ -213,26 +219,80 @@ def _check_images_table(df: pd.DataFrame, name: str, root: Path, problems: list[
 
 def _check_image_files(images: pd.DataFrame, name: str, level: str, workers: int, progress: bool,
                        problems: list[Problem]) -> None:
+    """Check every file at ``level``; also record what identifies its content, for the leakage check: the file
+    (device, inode: a hard link or a second path to one file) and, when decoding, a digest of the decoded pixels
+    (a copy under another name or format)."""
     todo = images[~images._bad]
 
-    def probe(path: str) -> str | None:
-        if not Path(path).is_file():
-            return f"image file not found: {path}"
+    def probe(path: str) -> tuple[str | None, str, str]:
+        try:
+            st = os.stat(path)
+        except (OSError, RuntimeError) as err:   # RuntimeError: a symlink loop on some Python versions
+            missing = isinstance(err, FileNotFoundError)
+            return (f"image file not found: {path}" if missing else f"{path}: cannot open ({err})"), "", ""
+        if not stat.S_ISREG(st.st_mode):
+            return f"image file not found: {path} is not a regular file (a folder?)", "", ""
+        file_id, digest = f"{st.st_dev}:{st.st_ino}", ""
         if level == "decode":
             try:
-                read_image(path)
+                pixels = read_image(path)
             except Exception as err:  # noqa: BLE001 - report, do not crash on one bad file
-                return str(err)
-        return None
+                return str(err), file_id, ""
+            digest = hashlib.blake2b(pixels.tobytes(), digest_size=16,
+                                     person=str(pixels.shape).encode()[:16]).hexdigest()
+        return None, file_id, digest
 
+    file_ids, digests = {}, {}
     with ThreadPoolExecutor(max(workers, 1)) as pool:
         results = pool.map(probe, todo.path)
-        for (idx, row), message in zip(todo.iterrows(),
-                                       tqdm(results, total=len(todo), desc=f"checking images ({level})",
-                                            unit="img", disable=not progress)):
+        for (idx, row), (message, file_id, digest) in zip(
+                todo.iterrows(), tqdm(results, total=len(todo), desc=f"checking images ({level})", unit="img",
+                                      disable=not progress)):
             if message:
                 problems.append(Problem(name, int(row._row), message, row.patient_id))
                 images.loc[idx, "_bad"] = True
+            file_ids[idx], digests[idx] = file_id, digest
+    images["_file_id"] = pd.Series(file_ids, dtype=object).reindex(images.index).fillna("")
+    images["_pixels"] = pd.Series(digests, dtype=object).reindex(images.index).fillna("")
+
+
+def _shared_content(images: pd.DataFrame, split_of: dict[str, str], name: str) -> tuple[list[Problem], list[str]]:
+    """Images whose content is also another patient's: the same file (hard link, second path) or the same decoded
+    pixels. Across splits that is leakage (a problem on the row in the later split); within one split it is a
+    warning (a duplicated image weighs twice)."""
+    order = {s: i for i, s in enumerate(SPLITS)}
+    problems, warnings = [], []
+    for column, what in (("_file_id", "the same file"), ("_pixels", "identical pixels")):
+        if column not in images.columns:
+            continue
+        keyed = images[images[column] != ""]
+        for _, grp in keyed[keyed.duplicated(column, keep=False)].groupby(column, sort=False):
+            grp = grp.assign(_split=grp.patient_id.map(split_of)).sort_values(
+                "_split", key=lambda s: s.map(order), kind="stable")
+            first = grp.iloc[0]
+            for _, row in grp.iloc[1:].iterrows():
+                if row.patient_id == first.patient_id and column == "_pixels":
+                    continue   # one patient's repeated image is not leakage; a second path to one file is refused
+                same = (f"{what} as row {int(first._row)} (patient {first.patient_id}, {first._split} split)")
+                if row._split != first._split:
+                    problems.append(Problem(name, int(row._row), f"{same}: leakage across splits ({row._split} "
+                                                                 f"here); remove the copy or fix the patient", row.patient_id))
+                elif row.patient_id != first.patient_id:
+                    warnings.append(f"{name}, row {int(row._row)} (patient {row.patient_id}): {same}")
+    return problems, warnings
+
+
+def _too_small(reports: pd.DataFrame, name: str, split_source: str) -> list[Problem]:
+    """Training selects its checkpoint on val and every evaluation scores test: each split needs patients."""
+    counts = {s: int((reports.split == s).sum()) for s in SPLITS}
+    empty = [s for s, n in counts.items() if n == 0]
+    if not empty:
+        return []
+    shown = ", ".join(f"{n} {s}" for s, n in counts.items())
+    how = ("the split column leaves it empty: give every split patients" if split_source == "column"
+           else f"{len(reports)} patient(s) are too few for seeded 70/15/15 splits: add patients or a split column")
+    return [Problem(name, None, f"the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
+                                f"({shown}): training needs train and val, evaluation needs test; {how}")]
 
 
 def _check_reports_table(df: pd.DataFrame, name: str, problems: list[Problem]) -> pd.DataFrame:
@@ -305,7 +365,11 @@ def validate_cohort(root: str | Path, check_images: str = "decode", workers: int
     for idx, row in images[~images.patient_id.isin(known) & (images.patient_id != "")].iterrows():
         problems.append(Problem(img_name, int(row._row), f"unknown patient_id (not in {rep_name})", row.patient_id))
         images.loc[idx, "_bad"] = True
-    if "split" in images.columns:   # a split column in images.csv must agree per patient and with reports.csv
+    if "split" in images.columns and "split" not in reports.columns:
+        problems.append(Problem(img_name, None, f"has a split column but {rep_name} does not: splits are per patient "
+                                                f"and read from {rep_name} only; move the column there (or delete "
+                                                f"it for seeded splits)"))
+    elif "split" in images.columns:   # a split column in images.csv must agree per patient and with reports.csv
         img_split = images.assign(split=[_text(s).lower() for s in images.split])
         rep_split = dict(zip(reports.patient_id, reports.split)) if "split" in reports.columns else {}
         for pid, grp in img_split.groupby("patient_id"):
@@ -330,10 +394,31 @@ def validate_cohort(root: str | Path, check_images: str = "decode", workers: int
     if keep_reports.empty:
         return None, problems + [Problem(rep_name, None, "no valid patient left after dropping invalid rows")]
     cohort = _build(root, keep_images, keep_reports, split_fractions, seed, labels, labels_table, progress)
+    cohort, leaks, small = _check_built(cohort, img_name, rep_name, drop_invalid)
+    problems += leaks + small
+    if small or (leaks and not drop_invalid):
+        return None, problems
     if problems:
-        cohort.dropped = {"images": len(images) - len(keep_images), "patients": len(reports) - len(keep_reports)}
+        cohort.dropped = {"images": len(images) - len(cohort.images), "patients": len(reports) - len(cohort.reports)}
         cohort.problems = problems
     return cohort, problems
+
+
+def _check_built(cohort: Cohort, img_name: str, rep_name: str,
+                 drop_invalid: bool) -> tuple[Cohort, list[Problem], list[Problem]]:
+    """Checks that need the splits: content shared across splits (leakage) and splits left empty. With
+    ``drop_invalid`` the leaking copies are dropped (and patients left without images); empty splits always fail."""
+    images = cohort.images
+    split_of = dict(zip(cohort.reports.patient_id, cohort.reports.split))
+    leaks, cohort.content_warnings = _shared_content(images.rename(columns={"source_row": "_row"}), split_of, img_name)
+    if leaks and drop_invalid:
+        rows = {p.row for p in leaks}
+        images = images[~images.source_row.isin(rows)]
+        reports = cohort.reports[cohort.reports.patient_id.isin(set(images.patient_id))]
+        cohort = Cohort(cohort.root, images, reports, cohort.split_source, labels=cohort.labels,
+                        content_warnings=cohort.content_warnings)
+    cohort.images = cohort.images.drop(columns=["_file_id", "_pixels"], errors="ignore")
+    return cohort, leaks, _too_small(cohort.reports, rep_name, cohort.split_source)
 
 
 def _build(root: Path, images: pd.DataFrame, reports: pd.DataFrame, fractions, seed: int, labels: LabelOptions,

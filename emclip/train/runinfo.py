@@ -23,10 +23,11 @@ except ImportError:  # pragma: no cover - not POSIX: runs are not locked
     fcntl = None
 
 # Keys that may change when a run is resumed: they decide where caches live, how fast data is read, when to stop
-# early or checkpoint, whether a missing demo cohort may be generated, and where the run folder is — not what the run
-# computes. Every other key defines the run (``epochs`` too: it sets the length of the cosine schedule).
+# early or checkpoint, whether a missing demo cohort may be generated, where the run folder is and how notebooks
+# launch processes — not what the run computes. Every other key defines the run (``epochs`` too: it sets the length
+# of the cosine schedule). The number of processes actually training is compared too (it sets the global batch).
 RESUME_SAFE_KEYS = frozenset({"max_steps", "num_workers", "eval_batch_size", "checkpoint_every", "cache_dir",
-                              "run_dir", "generate_cohort"})
+                              "run_dir", "generate_cohort", "num_processes"})
 _PATH_KEYS = ("data_dir", "labels_file")
 
 

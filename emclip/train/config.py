@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from ..data.diagnoses import UNCERTAIN_POLICIES, LabelOptions
-from ..paths import project_root, resolve
+from ..paths import project_root, resolve, write_text_atomic
 
 MODES = ("cache", "e2e")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -112,7 +112,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
@@ -24,9 +25,10 @@ from ..data import BagDataset, ImageTransform, collate_bags
 from ..loss import ClipLoss, SigLipLoss
 from ..model import build_model
 from .cache import build_feature_cache
-from .checkpoint import copy_as, latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
+from .checkpoint import (copy_as, find_checkpoint, latest_checkpoint, load_checkpoint, prepare_resume, save_checkpoint,
+                         write_text_atomic)
 from .config import TrainConfig
-from .runinfo import ensure_cohort, write_run_info
+from .runinfo import check_resume, ensure_cohort, run_lock, write_run_info
 from .text_cache import TextFeatures
 
 
@@ -173,19 +175,54 @@ def _datasets(cfg: TrainConfig, cohort, model, accelerator, log):
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
-    """Train (or resume) the run in ``cfg.run_dir``; returns a summary with the best validation loss."""
+    """Train (or resume) the run in ``cfg.run_dir``; returns a summary with the best validation loss.
+
+    Before anything is written, the main process locks the run folder (``run_dir/.lock``: a second trainer on it
+    fails at once), checks that a run already there was trained with a compatible configuration
+    (``runinfo.check_resume``), and picks the newest intact checkpoint to resume from (damaged ones are set aside,
+    saying so; ``best/`` is re-created when a kill left it behind)."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.precision)
-    is_main = accelerator.is_main_process
-    say = log if is_main else (lambda *_: None)
+    say = log if accelerator.is_main_process else (lambda *_: None)
     run = cfg.run_path
     ckpt_root = run / "checkpoints"
-    if is_main:
-        run.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        def claim_run_dir() -> str | None:
+            run.mkdir(parents=True, exist_ok=True)
+            held.enter_context(run_lock(run))
+            found = find_checkpoint(ckpt_root)                      # reads only
+            check_resume(run, cfg, found[0], accelerator.num_processes)
+            resume = prepare_resume(ckpt_root, say, found)          # the first write
+            return None if resume is None else resume.name
+
+        resume = _main_first(accelerator, claim_run_dir)
+        return _train(cfg, accelerator, say, run, ckpt_root, None if resume is None else ckpt_root / resume)
+
+
+def _main_first(accelerator, fn):
+    """``fn()`` on the main process, its result sent to every process; when it fails, every process raises (none is
+    left waiting at a barrier)."""
+    error = result = None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the other processes are told
+            error = err
+    if accelerator.num_processes > 1:
+        box = [("error", f"{type(error).__name__}: {error}") if error is not None else ("ok", result)]
+        broadcast_object_list(box)
+        if error is None and box[0][0] == "error":
+            raise RuntimeError(f"the main process could not start the run: {box[0][1]}")
+        result = box[0][1]
+    if error is not None:
+        raise error
+    return result
+
+
+def _train(cfg: TrainConfig, accelerator: Accelerator, say, run: Path, ckpt_root: Path, resume: Path | None) -> dict:
+    is_main = accelerator.is_main_process
     cohort = ensure_cohort(cfg, accelerator, say)
     model = build_run_model(cfg)
     model.to(accelerator.device)
-    if is_main:
-        write_run_info(run, cfg, model, cohort)
     train_ds, val_ds = _datasets(cfg, cohort, model, accelerator, say)
     text = TextFeatures.build(model, cohort, cfg.eval_batch_size, cfg.cache_path) if cfg.lock_text else None
     global_batch = cfg.batch_size * accelerator.num_processes
@@ -193,6 +230,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         raise ValueError(f"the train split has {len(train_ds)} patients, fewer than one step needs "
                          f"(batch_size {cfg.batch_size} x {accelerator.num_processes} processes x accum_freq "
                          f"{cfg.accum_freq}); lower batch_size")
+    if is_main:   # after the checks above: a run refused before it started leaves no config.json to compare with
+        write_run_info(run, cfg, model, cohort)
     sampler = EpochSampler(len(train_ds), cfg.seed)
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                               collate_fn=collate_bags, num_workers=cfg.num_workers)
@@ -205,13 +244,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     trainer = _Trainer(cfg, accelerator, model, text)
 
-    step, start_epoch, skip, best, best_score = 0, 0, 0, math.inf, -math.inf
-    resume = latest_checkpoint(ckpt_root)
-    if resume is not None:
-        meta = load_checkpoint(resume, trainer.raw, optimizer, scheduler)
+    step, start_epoch, skip, best, best_score, best_step = 0, 0, 0, math.inf, -math.inf, None
+    if resume is not None:   # the newest intact checkpoint, verified by the main process (claim_run_dir)
+        meta = load_checkpoint(resume, trainer.raw, optimizer, scheduler, verify=False)
         step, start_epoch, skip = meta["step"], meta["epoch"], meta["batch_in_epoch"]
         best = meta.get("best_val_loss", math.inf)
         best_score = meta.get("best_score", -math.inf)
+        best_step = meta.get("best_step")
         say(f"resuming {run} from {resume.name} (epoch {start_epoch}, step {step})")
     log_path = run / "metrics_log.csv"
     fields = ["step", "epoch", "loss", "lr", "logit_scale", "val_loss", "val_recall", "seconds"]
@@ -226,11 +265,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
     done = step >= total_steps or (cfg.max_steps is not None and step >= cfg.max_steps)
     bar = tqdm(total=total_steps, initial=step, desc=f"train {run.name}", unit="step", disable=not is_main)
 
-    def checkpoint(epoch: int, batch_in_epoch: int, val_loss: float | None = None):
+    def checkpoint(epoch: int, batch_in_epoch: int, val_loss: float | None = None, is_best: bool = False):
         accelerator.wait_for_everyone()
         if is_main:
             meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_val_loss": best,
-                    "best_score": best_score, "val_loss": val_loss, "config": cfg.to_dict()}
+                    "best_score": best_score, "best_step": best_step, "is_best": is_best, "val_loss": val_loss,
+                    "processes": accelerator.num_processes, "config": cfg.to_dict()}
             return save_checkpoint(ckpt_root, trainer.raw, optimizer, scheduler, meta)
         return None
 
@@ -286,7 +326,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
             writer.scalars(step, val_loss=val_loss, val_recall=val_recall)
             say(f"epoch {epoch + 1}/{cfg.epochs}: step {step}, val loss {val_loss:.4f}, val recall {val_recall:.3f}"
                 + (f" (best {cfg.select_on})" if improved else ""))
-        path = checkpoint(epoch + 1, 0, val_loss)
+        if improved:
+            best_step = step
+        # the step records itself as best and is not pruned until best/ holds it: a kill before copy_as loses
+        # nothing (resuming re-creates best/, evaluation finds the step)
+        path = checkpoint(epoch + 1, 0, val_loss, is_best=improved)
         if is_main and improved:
             copy_as(ckpt_root, path, "best")
     bar.close()
@@ -307,14 +351,16 @@ def _append(path: Path, row: list) -> None:
 
 
 def _truncate_log(path: Path, fields: list[str], step: int) -> None:
-    """On resume, drop log rows written after the checkpoint, so the log matches an uninterrupted run."""
+    """On resume, drop log rows written after the checkpoint resumed from (also after a fallback to an older one),
+    so the log matches an uninterrupted run. Replaced atomically: a kill here keeps the old log."""
     if not path.exists():
         return
     with open(path, newline="") as fh:
         rows = list(csv.reader(fh))
-    keep = [fields] + [r for r in rows[1:] if r and int(r[0]) <= step]
-    with open(path, "w", newline="") as fh:
-        csv.writer(fh).writerows(keep)
+    keep = [fields] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    out = io.StringIO(newline="")
+    csv.writer(out).writerows(keep)
+    write_text_atomic(path, out.getvalue())
 
 
 class _TensorBoard:

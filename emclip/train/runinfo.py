@@ -1,17 +1,42 @@
 """What every run records next to its outputs, and the cohort a run trains on (generated when it is the demo's)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
+import socket
 import subprocess
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from .. import __version__
 from ..data import load_cohort
-from ..paths import project_root
-from .checkpoint import write_text_atomic
+from ..paths import project_root, resolve
+from .checkpoint import read_meta, write_text_atomic
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: runs are not locked
+    fcntl = None
+
+# Keys that may change when a run is resumed: they decide where caches live, how fast data is read, when to stop
+# early or checkpoint, whether a missing demo cohort may be generated, where the run folder is and how notebooks
+# launch processes — not what the run computes. Every other key defines the run (``epochs`` too: it sets the length
+# of the cosine schedule). The number of processes actually training is compared too (it sets the global batch).
+RESUME_SAFE_KEYS = frozenset({"max_steps", "num_workers", "eval_batch_size", "checkpoint_every", "cache_dir",
+                              "run_dir", "generate_cohort", "num_processes"})
+_PATH_KEYS = ("data_dir", "labels_file")
+
+
+class RunDirInUse(RuntimeError):
+    """Another trainer holds the run folder's lock."""
+
+
+class IncompatibleResume(ValueError):
+    """A run folder holds a run trained with another configuration."""
 
 
 def git_commit() -> str | None:
@@ -27,9 +52,100 @@ def git_commit() -> str | None:
         return None
 
 
+@contextlib.contextmanager
+def run_lock(run: Path):
+    """Hold ``run/.lock`` exclusively (it records pid and host) while the block runs; raise :class:`RunDirInUse`
+    at once when another process holds it. An ``flock`` is released by the kernel when its holder dies, so a
+    killed trainer (even ``kill -9``) never leaves a stale lock; the file itself stays and is reused."""
+    run = Path(run)
+    path = run / ".lock"
+    if fcntl is None:  # pragma: no cover
+        yield path
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _lock_holder(path)
+            raise RunDirInUse(f"run_dir {run} is in use by pid {holder.get('pid', '?')} on host "
+                              f"{holder.get('host', '?')} (lock file {path}); wait for it or choose another "
+                              f"run_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n").encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(path: Path) -> dict:
+    try:
+        holder = json.loads(path.read_text())
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _comparable(values: dict) -> dict:
+    """A configuration as compared on resume: JSON values, paths resolved (``data/x`` and its absolute path agree)."""
+    from .config import TrainConfig
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    out = json.loads(json.dumps({**defaults, **values}, default=str))
+    for key in _PATH_KEYS:
+        if isinstance(out.get(key), str):
+            out[key] = str(resolve(out[key]))
+    return out
+
+
+def resume_differences(saved: dict, cfg, processes: int | None = None, saved_processes: int | None = None) -> list[str]:
+    """``key: OLD in the run, NEW now`` for every run-defining key that differs (``RESUME_SAFE_KEYS`` may)."""
+    old, new = _comparable(saved), _comparable(cfg.to_dict())
+    out = [f"{k}: {json.dumps(old.get(k))} in the run, {json.dumps(new.get(k))} now"
+           for k in sorted(set(old) | set(new)) if k not in RESUME_SAFE_KEYS and old.get(k) != new.get(k)]
+    if processes is not None and saved_processes is not None and processes != saved_processes:
+        out.append(f"processes: {saved_processes} in the run, {processes} now")
+    return out
+
+
+def check_resume(run: Path, cfg, resume: Path | None, processes: int | None = None) -> None:
+    """Before anything is written: a run folder that already holds a run (``config.json`` or a checkpoint) may only
+    be resumed with the configuration it was trained with, up to :data:`RESUME_SAFE_KEYS`. Raises
+    :class:`IncompatibleResume` listing every differing key."""
+    run = Path(run)
+    meta = read_meta(resume) if resume is not None else None
+    config_json = run / "config.json"
+    sources = []
+    if config_json.is_file():
+        try:
+            saved = json.loads(config_json.read_text())
+        except (OSError, ValueError) as err:
+            raise IncompatibleResume(f"{config_json} cannot be read ({err}); restore it, or choose another "
+                                     f"run_dir") from None
+        if not isinstance(saved, dict):
+            raise IncompatibleResume(f"{config_json} is not a configuration; restore it, or choose another run_dir")
+        sources.append((config_json, saved))
+    if meta is not None and isinstance(meta.get("config"), dict):
+        sources.append((resume / "meta.json", meta["config"]))
+    for source, saved in sources:
+        diffs = resume_differences(saved, cfg, processes, (meta or {}).get("processes"))
+        if diffs:
+            started = resume is not None or any((run / "checkpoints").glob("step_*"))
+            hint = "" if started else f"; the run has no checkpoint yet, so deleting {config_json} starts it anew"
+            raise IncompatibleResume(f"run_dir {run} holds a run with another configuration ({source}): "
+                                     f"{'; '.join(diffs)}; choose a new run_dir, or restore these values to "
+                                     f"resume it{hint}")
+
+
 def write_run_info(run: Path, cfg, model, cohort) -> None:
-    """``config.json`` (resolved configuration) and ``run_info.json`` (versions, commit, model and data sizes)."""
-    cfg.save(run / "config.json")
+    """``config.json`` (resolved configuration; written when the run is new, never replaced: :func:`check_resume`
+    has made sure a resumed run's configuration agrees with it) and ``run_info.json`` (versions, commit, model and
+    data sizes)."""
+    if not (run / "config.json").exists():
+        cfg.save(run / "config.json")
     info = {"emclip_version": __version__, "git_commit": git_commit(), "torch": torch.__version__,
             "python": platform.python_version(), "model_config": model.config,
             "parameters": model.parameter_counts(), "cohort": cohort.summary()}

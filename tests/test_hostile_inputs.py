@@ -178,3 +178,11 @@ def test_cohorts_too_small_for_the_splits_are_refused(cohort_copy, capsys):
     assert _problems(cohort_copy, check_images="none") == [
         "reports.csv: the train and val splits are empty (0 train, 0 val, 20 test): training needs train and val, "
         "evaluation needs test; the split column leaves it empty: give every split patients"]
+
+
+def test_the_train_cli_prints_refusals_as_one_line(tmp_path, capsys):
+    from emclip.train.__main__ import main as train_main
+    code = train_main(["ci", f"data_dir={tmp_path / 'typo'}", f"run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: data_dir ") and "Traceback" not in err
+    assert "a data_dir you name is never generated into" in err

@@ -10,8 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..data import CohortError
+from .checkpoint import CheckpointError
 from .config import load_config
 from .loop import TrainingDiverged, train
+from .runinfo import IncompatibleResume, RunDirInUse
+
+# Refusals with a message that says what to do: printed as one line, not as a traceback.
+REFUSALS = (CohortError, CheckpointError, IncompatibleResume, RunDirInUse, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except REFUSALS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"done: {summary['steps']} steps, best validation loss {summary['best_val_loss']:.4f}, best "
           f"{summary['select_on']} {abs(summary['best_score']):.4f} (checkpoints/best), "
           f"outputs in {summary['run_dir']}")

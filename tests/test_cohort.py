@@ -153,7 +153,7 @@ def test_corrupt_or_unreadable_image(cohort_copy, damage):
         target.mkdir()
     problems = _problems(cohort_copy)
     row = f"images.csv, row 10 (patient {images.patient_id[9]}): "
-    wanted = "image file not found" if damage == "directory" else "cannot decode image"
+    wanted = "is a directory, not an image file" if damage == "directory" else "cannot decode image"
     assert any(p.startswith(row) and wanted in p for p in problems), problems
 
 

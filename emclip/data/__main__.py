@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate a cohort folder (images.csv + reports.csv)")
     check.add_argument("dir", help="cohort folder")
-    check.add_argument("--images", choices=["decode", "exists", "none"], default="decode",
-                       help="how far to check image files (default: decode every file)")
+    check.add_argument("--images", choices=["decode", "header", "exists", "none"], default="decode",
+                       help="how far to check image files: decode every file (default); header: size guards and "
+                            "TIFF layout from the headers, nothing decoded; exists: non-empty files; none")
     check.add_argument("--workers", type=int, default=4, help="threads for image checks")
     check.add_argument("--json", action="store_true", help="print the summary as JSON")
     check.add_argument("--drop-invalid", action="store_true",

@@ -11,7 +11,6 @@ import hashlib
 import math
 import os
 import re
-import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +19,14 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .diagnoses import LabelOptions, assign_diagnoses, read_labels_file, source_counts
-from .images import read_image
+from .images import check_file, probe_image, read_image
 from .splits import DEFAULT_FRACTIONS, SPLITS, assign_splits
 
 IMAGE_COLUMNS = ("patient_id", "path", "nm_per_pixel")
 REPORT_COLUMNS = ("patient_id", "report")
-CHECK_LEVELS = ("none", "exists", "decode")
+# none: no file access; exists: a non-empty regular file; header: also the size guards and the TIFF page/photometric
+# decisions from the header (nothing decoded, see images.probe_image); decode: every image read as for training.
+CHECK_LEVELS = ("none", "exists", "header", "decode")
 # nm per pixel outside this range is almost surely another unit (µm: 0.002-0.1) or a typo; refused with the reason.
 NM_PER_PIXEL_RANGE = (0.1, 50000.0)
 _STRICT_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
@@ -167,6 +168,13 @@ def is_blank(value) -> bool:
     return not text or text.lower() in NA_TOKENS
 
 
+def _resolved(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):   # a symlink loop (RuntimeError before Python 3.13); the file check names it
+        return os.path.abspath(path)
+
+
 def _check_images_table(df: pd.DataFrame, name: str, root: Path, problems: list[Problem]) -> pd.DataFrame:
     bad = set()
     seen_path: dict[str, int] = {}
@@ -179,7 +187,7 @@ def _check_images_table(df: pd.DataFrame, name: str, root: Path, problems: list[
         if not rel:
             problems.append(Problem(name, row, "path is empty", pid or None))
             bad.add(i)
-        full = str((root / rel).resolve()) if rel and not Path(rel).is_absolute() else rel
+        full = _resolved(root / rel) if rel and not Path(rel).is_absolute() else rel
         if full and full in seen_path:
             problems.append(Problem(name, row, f"duplicate image path {rel!r} (also row {seen_path[full]})", pid))
             bad.add(i)
@@ -225,22 +233,18 @@ def _check_image_files(images: pd.DataFrame, name: str, level: str, workers: int
     todo = images[~images._bad]
 
     def probe(path: str) -> tuple[str | None, str, str]:
-        try:
-            st = os.stat(path)
-        except (OSError, RuntimeError) as err:   # RuntimeError: a symlink loop on some Python versions
-            missing = isinstance(err, FileNotFoundError)
-            return (f"image file not found: {path}" if missing else f"{path}: cannot open ({err})"), "", ""
-        if not stat.S_ISREG(st.st_mode):
-            return f"image file not found: {path} is not a regular file (a folder?)", "", ""
-        file_id, digest = f"{st.st_dev}:{st.st_ino}", ""
-        if level == "decode":
-            try:
-                pixels = read_image(path)
-            except Exception as err:  # noqa: BLE001 - report, do not crash on one bad file
-                return str(err), file_id, ""
-            digest = hashlib.blake2b(pixels.tobytes(), digest_size=16,
-                                     person=str(pixels.shape).encode()[:16]).hexdigest()
-        return None, file_id, digest
+        if not os.path.lexists(path):
+            return f"image file not found: {path}", "", ""
+        try:   # exists: a non-empty regular file; header: no pixel decoded; decode: read as for training
+            st = check_file(path)
+            pixels = read_image(path) if level == "decode" else None
+            if level == "header":
+                probe_image(path)
+        except Exception as err:  # noqa: BLE001 - report, do not crash on one bad file
+            return str(err), "", ""
+        digest = "" if pixels is None else hashlib.blake2b(pixels.tobytes(), digest_size=16,
+                                                            person=str(pixels.shape).encode()[:16]).hexdigest()
+        return None, f"{st.st_dev}:{st.st_ino}", digest
 
     file_ids, digests = {}, {}
     with ThreadPoolExecutor(max(workers, 1)) as pool:
@@ -342,9 +346,12 @@ def validate_cohort(root: str | Path, check_images: str = "decode", workers: int
     Patients without a ``diagnosis`` get one from their report as ``labels`` says (default: the ``renal`` report
     labeler; see :mod:`emclip.data.diagnoses`), before the splits are stratified by it."""
     labels = labels if labels is not None else LabelOptions()
-    root = Path(root).expanduser().resolve()
     if check_images not in CHECK_LEVELS:
         raise ValueError(f"check_images must be one of {CHECK_LEVELS}, got {check_images!r}")
+    try:
+        root = Path(root).expanduser().resolve()
+    except (OSError, RuntimeError):   # RuntimeError: a symlink loop (Python < 3.13)
+        return None, [Problem(str(root), None, "cohort folder is a symlink loop")]
     problems: list[Problem] = []
     if not root.is_dir():
         return None, [Problem(str(root), None, "cohort folder does not exist")]

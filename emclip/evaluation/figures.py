@@ -38,21 +38,12 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 
 
 def read_image_for_display(path: str | Path, max_size: int = 512) -> np.ndarray:
-    """Read an 8/16-bit (or float) grayscale/RGB image, subsample to <= ``max_size`` px, min-max scale to [0, 1]."""
-    path = Path(path)
-    if path.suffix.lower() in ('.tif', '.tiff'):
-        import tifffile
-        arr = tifffile.imread(path, key=0)  # first page only; EM TIFFs may carry thumbnails as later pages
-    else:
-        from PIL import Image
-        with Image.open(path) as im:
-            arr = np.asarray(im if im.mode in ('L', 'I;16', 'I', 'F', 'RGB') else im.convert('RGB'))
-    if arr.ndim == 3 and arr.shape[-1] not in (3, 4):  # channels-first stack: keep the first plane
-        arr = arr[0]
-    if arr.ndim == 3:
-        arr = arr[..., :3]
+    """An image as the model reads it (:func:`emclip.data.read_image`: the same intensity, photometric, orientation
+    and size rules; gray), subsampled to <= ``max_size`` px and min-max scaled to [0, 1] for display."""
+    from ..data import read_image
+    arr = read_image(path)
     step = max(1, int(np.ceil(max(arr.shape[:2]) / max_size)))
-    arr = arr[::step, ::step].astype(np.float32)
+    arr = arr[::step, ::step]
     lo, hi = float(arr.min()), float(arr.max())
     return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
 

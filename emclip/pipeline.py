@@ -189,7 +189,7 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def evaluation_key(ckpt: Path, cfg: TrainConfig, model, cohort, split, n_boot, topj, figures,
+def evaluation_key(ckpt: Path, cfg: TrainConfig, cohort, split, n_boot, topj, figures,
                    feature_key: str | None) -> dict:
     """Everything an evaluation's metrics depend on, each part small enough to say what changed.
 
@@ -202,7 +202,12 @@ def evaluation_key(ckpt: Path, cfg: TrainConfig, model, cohort, split, n_boot, t
     meta_path = ckpt / "meta.json"
     ckpt_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     diagnoses = [d if isinstance(d, str) else None for d in cohort.reports.diagnosis]
-    prompts = resolve_prompts(_prompt_classes(cohort), diagnoses)
+    try:
+        prompts = resolve_prompts(_prompt_classes(cohort), diagnoses)
+        prompt_part = _digest({"classes": prompts.classes, "synonyms": prompts.synonyms,
+                               "templates": prompts.templates})
+    except ValueError as err:   # e.g. a cohort without any diagnosis: the evaluation itself says what is wrong
+        prompt_part = f"none ({err})"
     reports = cohort.reports[["patient_id", "split", "diagnosis", "diagnosis_source", "report"]]
     images = cohort.images[["patient_id", "path", "nm_per_pixel"]]
     parts = {
@@ -217,8 +222,7 @@ def evaluation_key(ckpt: Path, cfg: TrainConfig, model, cohort, split, n_boot, t
         # the image files: the feature cache key (trunk + every file's identity) in cache mode, else the files alone
         **({"feature_cache": feature_key} if feature_key is not None else
            {"image_files": image_files_digest(cohort)}),
-        "prompts": _digest({"classes": prompts.classes, "synonyms": prompts.synonyms,
-                            "templates": prompts.templates}),
+        "prompts": prompt_part,
     }
     return {"digest": _digest(parts), "parts": parts}
 
@@ -268,7 +272,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", n_boot: int = 1000, t
     model, cfg = load_run_model(run)
     cohort = load_run_cohort(cfg)
     feature_key = feature_cache_key(model, cohort) if cfg.mode == "cache" else None
-    key = evaluation_key(ckpt, cfg, model, cohort, split, n_boot, topj, figures, feature_key)
+    key = evaluation_key(ckpt, cfg, cohort, split, n_boot, topj, figures, feature_key)
     metrics = None
     if reuse and metrics_path.exists():
         try:

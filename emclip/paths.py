@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -24,11 +25,31 @@ def resolve(path: str | Path) -> Path:
     return p if p.is_absolute() else (project_root() / p).resolve()
 
 
+@contextmanager
+def atomic_writer(path: str | Path, mode: str = "wb"):
+    """A file handle on a temporary file next to ``path`` that replaces ``path`` when the block ends (flushed and
+    fsynced first): a reader sees the old file or the new one, never half of either. On an exception the temporary
+    file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    fh = tempfile.NamedTemporaryFile(mode, dir=path.parent, delete=False, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(fh.name, path)
+    except BaseException:
+        Path(fh.name).unlink(missing_ok=True)
+        raise
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` so that a reader sees the old file or the new one, never half of either (temp + rename)."""
-    path = Path(path)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
+    with atomic_writer(path, "w") as fh:
         fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(fh.name, path)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """``write_text_atomic`` for bytes."""
+    with atomic_writer(path, "wb") as fh:
+        fh.write(data)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from .data import BagDataset, ImageTransform, collate_bags
 from .evaluation import Embeddings, embed_cohort, evaluate, load_prompts, resolve_prompts
 from .paths import project_root, resolve
-from .train.cache import build_feature_cache
+from .train.cache import build_feature_cache, feature_cache_key, image_files_digest
 from .train.checkpoint import latest_checkpoint, load_model_weights
 from .train.config import TrainConfig, load_config, params_file
 from .train.loop import build_run_model
@@ -96,29 +96,35 @@ def _prompt_classes(cohort):
     return renal if dx and dx <= set(renal.classes) else None
 
 
+def run_checkpoint(run_dir: str | Path, checkpoint: str = "best") -> Path:
+    """The checkpoint folder ``load_run_model`` reads: ``checkpoint`` (``best``) when it has weights, else the latest."""
+    run = resolve(run_dir)
+    ckpt = run / "checkpoints" / checkpoint
+    ckpt = ckpt if (ckpt / "model.safetensors").is_file() else latest_checkpoint(run / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"{run} has no checkpoint: train it first")
+    return ckpt
+
+
 def load_run_model(run_dir: str | Path, checkpoint: str = "best"):
     """The trained model of a run (``best`` checkpoint by validation loss, else the latest) and its config."""
     run = resolve(run_dir)
     cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
     model = build_run_model(cfg)
-    ckpt = run / "checkpoints" / checkpoint
-    ckpt = ckpt if (ckpt / "model.safetensors").is_file() else latest_checkpoint(run / "checkpoints")
-    if ckpt is None:
-        raise FileNotFoundError(f"{run} has no checkpoint: train it first")
-    load_model_weights(model, ckpt)
+    load_model_weights(model, run_checkpoint(run, checkpoint))
     return model.eval(), cfg
 
 
 def embed_run(run_dir: str | Path, batch_size: int = 32, model=None, cfg: TrainConfig | None = None,
-              cohort=None) -> Embeddings:
+              cohort=None, cache_key: str | None = None) -> Embeddings:
     """Embed every patient of the run's cohort with its best model (cached trunk features in cache mode).
 
-    ``model``, ``cfg`` and ``cohort`` may be passed when the caller already loaded them."""
+    ``model``, ``cfg`` and ``cohort`` (and the feature ``cache_key``) may be passed when the caller already has them."""
     if model is None or cfg is None:
         model, cfg = load_run_model(run_dir)
     cohort = cohort if cohort is not None else load_run_cohort(cfg)
     if cfg.mode == "cache":
-        cache = build_feature_cache(model, cohort, cfg.cache_path)
+        cache = build_feature_cache(model, cohort, cfg.cache_path, key=cache_key)
         ds = BagDataset(cohort, None, features=cache.features, feature_zoom=cache.zoom)
     else:
         ds = BagDataset(cohort, None, transform=ImageTransform.from_preprocess(model.preprocess))
@@ -131,7 +137,8 @@ def embed_run(run_dir: str | Path, batch_size: int = 32, model=None, cfg: TrainC
     return emb
 
 
-def supervised_bound(model, cfg: TrainConfig, cohort, emb: Embeddings, classes: list[str], split: str = "test"):
+def supervised_bound(model, cfg: TrainConfig, cohort, emb: Embeddings, classes: list[str], split: str = "test",
+                     cache_key: str | None = None):
     """The supervised MIL upper bound (``evaluation.bounds.supervised_mil``) on the run's cached trunk features.
 
     It does not depend on the contrastive model, only on the features, labels and splits, so it is computed once
@@ -141,7 +148,7 @@ def supervised_bound(model, cfg: TrainConfig, cohort, emb: Embeddings, classes: 
     from .paths import write_text_atomic
     if cfg.mode != "cache":
         return {"skipped": "end-to-end run: no cached trunk features"}
-    cache = build_feature_cache(model, cohort, cfg.cache_path)
+    cache = build_feature_cache(model, cohort, cfg.cache_path, key=cache_key)
     y = np.array([classes.index(d) if d in classes else -1 for d in emb.diagnosis])
     key = hashlib.sha256(json.dumps([cache.path.name, split, classes, emb.patient_ids.tolist(), y.tolist(),
                                      emb.split.tolist()]).encode() + Path(bounds.__file__).read_bytes())
@@ -160,37 +167,140 @@ def supervised_bound(model, cfg: TrainConfig, cohort, emb: Embeddings, classes: 
     return result
 
 
+def _digest(obj) -> str:
+    import hashlib
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _table_digest(df: pd.DataFrame) -> str:
+    """Digest of a table's values, in row order (vectorised: cheap at 600k rows)."""
+    import hashlib
+    h = hashlib.sha256(json.dumps([list(df.columns), len(df)]).encode())
+    h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def evaluation_key(ckpt: Path, cfg: TrainConfig, cohort, split, n_boot, topj, figures,
+                   feature_key: str | None) -> dict:
+    """Everything an evaluation's metrics depend on, each part small enough to say what changed.
+
+    ``{"digest": ..., "parts": {...}}``: the metrics schema and emclip version, the arguments of ``evaluate_run``,
+    the checkpoint read (path, step, SHA-256 of its weights), the run's configuration, the cohort as derived (reports:
+    patient, split, diagnosis, its source and the report text; images: patient, path, nm/px), the image files
+    (the feature cache key in cache mode, else the same one-stat-per-file digest) and the zero-shot prompts."""
+    from . import __version__
+    from .evaluation.report import SCHEMA_VERSION
+    meta_path = ckpt / "meta.json"
+    ckpt_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    diagnoses = [d if isinstance(d, str) else None for d in cohort.reports.diagnosis]
+    try:
+        prompts = resolve_prompts(_prompt_classes(cohort), diagnoses)
+        prompt_part = _digest({"classes": prompts.classes, "synonyms": prompts.synonyms,
+                               "templates": prompts.templates})
+    except ValueError as err:   # e.g. a cohort without any diagnosis: the evaluation itself says what is wrong
+        prompt_part = f"none ({err})"
+    reports = cohort.reports[["patient_id", "split", "diagnosis", "diagnosis_source", "report"]]
+    images = cohort.images[["patient_id", "path", "nm_per_pixel"]]
+    parts = {
+        "schema_version": SCHEMA_VERSION, "emclip_version": __version__,
+        "split": split, "n_boot": int(n_boot), "topj": [int(j) for j in topj], "figures": bool(figures),
+        "checkpoint": {"path": str(ckpt), "step": ckpt_meta.get("step"),
+                       "frozen_digest": ckpt_meta.get("frozen_digest"),
+                       "sha256": _file_sha256(ckpt / "model.safetensors")},
+        "config": cfg.to_dict(),
+        "cohort": {"reports": _table_digest(reports), "images": _table_digest(images),
+                   "labels": _digest(cohort.labels)},
+        # the image files: the feature cache key (trunk + every file's identity) in cache mode, else the files alone
+        **({"feature_cache": feature_key} if feature_key is not None else
+           {"image_files": image_files_digest(cohort)}),
+        "prompts": prompt_part,
+    }
+    return {"digest": _digest(parts), "parts": parts}
+
+
+def _show(value) -> str:
+    if isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+        return "(" + ", ".join(str(v) for v in value) + ")"
+    return repr(value)
+
+
+def key_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two evaluation keys, one phrase per piece (``topj changed (1, 3) -> (1, 5)``)."""
+    old_parts, new_parts = old.get("parts") or {}, new["parts"]
+    changes = []
+    for name, value in new_parts.items():
+        before = old_parts.get(name, "<not recorded>")
+        if name == "figures" and before is True and value is False:   # figures made but not asked for: still fine
+            continue
+        if before == value:
+            continue
+        if isinstance(value, dict) and isinstance(before, dict):
+            for sub in sorted(set(value) | set(before)):
+                if value.get(sub, "<absent>") != before.get(sub, "<absent>"):
+                    changes.append(f"{name}.{sub} changed {_show(before.get(sub, '<absent>'))} -> "
+                                   f"{_show(value.get(sub, '<absent>'))}")
+        else:
+            changes.append(f"{name} changed {_show(before)} -> {_show(value)}")
+    return changes
+
+
 def evaluate_run(run_dir: str | Path, split: str = "test", n_boot: int = 1000, topj=(1, 3), out: str | Path | None = None,
-                 figures: bool = True, reuse: bool = True, name: str = "eval") -> dict:
+                 figures: bool = True, reuse: bool = True, name: str = "eval", log=print) -> dict:
     """Full evaluation protocol of a trained run on ``split``: writes ``<run>/<name>/metrics.json`` and figures.
 
-    With ``reuse``, an evaluation already in ``<run>/eval`` that is newer than the run's best checkpoint and used the
-    same split, bootstrap size and metrics schema is returned instead of being recomputed. ``out`` also receives a copy.
+    The metrics file records its ``evaluation_key`` (``evaluation_key()``: checkpoint, arguments, configuration,
+    cohort and diagnoses as derived, image files, prompts, metrics schema). With ``reuse``, an evaluation already in
+    ``<run>/<name>`` whose key equals the current one is returned instead of being recomputed; otherwise what changed
+    is printed and everything is recomputed. ``out`` also receives a copy.
     """
     import shutil
+    from .evaluation.report import _dumps
+    from .paths import write_text_atomic
     run = resolve(run_dir)
     target = run / name
     metrics_path = target / "metrics.json"
-    best = run / "checkpoints" / "best" / "model.safetensors"
-    if reuse and metrics_path.exists() and best.exists() and metrics_path.stat().st_mtime > best.stat().st_mtime:
-        metrics = json.loads(metrics_path.read_text())
-        from .evaluation.report import SCHEMA_VERSION
-        if (metrics.get("split") != split or metrics.get("bootstrap", {}).get("n_boot") != n_boot
-                or metrics.get("schema_version") != SCHEMA_VERSION):   # written by an older emclip: redo
-            metrics = None
-    else:
-        metrics = None
+    ckpt = run_checkpoint(run)
+    model, cfg = load_run_model(run)
+    cohort = load_run_cohort(cfg)
+    feature_key = feature_cache_key(model, cohort) if cfg.mode == "cache" else None
+    key = evaluation_key(ckpt, cfg, cohort, split, n_boot, topj, figures, feature_key)
+    metrics = None
+    if reuse and metrics_path.exists():
+        try:
+            stored = json.loads(metrics_path.read_text())
+            old_key = stored.get("evaluation_key") if isinstance(stored, dict) else None
+        except (OSError, ValueError) as err:
+            stored, old_key = None, None
+            log(f"recomputing {metrics_path}: it cannot be read ({err})")
+        if stored is not None:
+            if not isinstance(old_key, dict) or "digest" not in old_key:
+                log(f"recomputing {metrics_path}: no evaluation key recorded (written by an older emclip)")
+            elif old_key["digest"] == key["digest"] or not key_changes(old_key, key):
+                metrics = stored
+                log(f"reusing {metrics_path}: same checkpoint, arguments, cohort and prompts")
+            else:
+                log(f"recomputing {metrics_path}: " + "; ".join(key_changes(old_key, key)))
     if metrics is None:
-        model, cfg = load_run_model(run)
-        cohort = load_run_cohort(cfg)
-        emb = embed_run(run, model=model, cfg=cfg, cohort=cohort)   # one model build, one cohort load
+        metrics_path.unlink(missing_ok=True)   # a failed recomputation must not leave the old metrics to be reused
+        emb = embed_run(run, model=model, cfg=cfg, cohort=cohort, cache_key=feature_key)   # one model, one cohort
         emb.save(run / "embeddings.npz")
         with torch.no_grad():
             prompts = _prompt_classes(cohort)
             classes = resolve_prompts(prompts, emb.diagnosis).classes
             metrics = evaluate(emb, model.encode_text, model.logit_scale, target, classes=prompts,
                                split=split, n_boot=n_boot, topj=topj, figures=figures, name=run.name,
-                               supervised=supervised_bound(model, cfg, cohort, emb, classes, split))
+                               supervised=supervised_bound(model, cfg, cohort, emb, classes, split, feature_key))
+        metrics["evaluation_key"] = key
+        write_text_atomic(metrics_path, _dumps(metrics))
     if out is not None and Path(out).resolve() != target.resolve():
         Path(out).mkdir(parents=True, exist_ok=True)
         for f in target.iterdir():

@@ -5,9 +5,11 @@ Per-image trunk features are extracted once (sharded over processes: rank r take
 zoom of each image in ``zoom.npy``. ``meta.json`` is written last, atomically, with the SHA-256 of both arrays.
 
 The key hashes the trunk (architecture + weights digest), the preprocessing, the resize/crop policy and every image
-file's path, size and modification time, so a cache is reused by every run with the same trunk and inputs and is
-never used for anything else. A cache whose meta is missing, whose key differs, whose file is truncated or whose
-checksum fails is reported and rebuilt.
+file's identity from one ``stat``: path, size, modification time, inode and status-change time. The last catches an
+image rewritten in place with the same size whose modification time was set back (``touch``/``utime`` cannot set
+ctime), so a cache is reused by every run with the same trunk and inputs and is never used for anything else. A cache
+whose meta is missing or unreadable, whose key differs, whose file is missing, truncated, fails its checksum or
+cannot be opened as the array the meta describes is reported (naming the file) and rebuilt.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from tqdm.auto import tqdm
 from ..data import Cohort, ImageTransform, read_image
 from .checkpoint import write_text_atomic
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2   # 2: image identity includes inode and ctime
 
 
 class _ImageRows(Dataset):
@@ -64,16 +66,35 @@ def _sha256(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+def _image_identity(h, cohort: Cohort) -> None:
+    for path in cohort.images.path:   # one stat per image, no reading: the key must stay cheap at 600k images
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}\n".encode())
+
+
+def image_files_digest(cohort: Cohort) -> str:
+    """Digest of every image file's identity (path, size, mtime, inode, ctime): changes when any image is
+    replaced or rewritten, even with the same size and its modification time set back."""
+    h = hashlib.sha256(b"image files\n")
+    _image_identity(h, cohort)
+    return h.hexdigest()[:20]
+
+
 def cache_key(trunk_id: str, transform: ImageTransform, cohort: Cohort, intensity: str, color: str) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"version": CACHE_VERSION, "trunk": trunk_id, "size": transform.image_size,
                          "mean": transform.mean.flatten().tolist(), "std": transform.std.flatten().tolist(),
                          "channels": transform.channels, "policy": transform.policy, "intensity": intensity,
                          "color": color}, sort_keys=True).encode())
-    for path in cohort.images.path:
-        st = os.stat(path)
-        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    _image_identity(h, cohort)
     return h.hexdigest()[:20]
+
+
+def feature_cache_key(model, cohort: Cohort, policy: str = "resize", intensity: str = "dtype",
+                      color: str = "gray") -> str:
+    """The key ``build_feature_cache`` uses for (model trunk, cohort) with the same options."""
+    return cache_key(model.trunk_id, ImageTransform.from_preprocess(model.preprocess, policy), cohort, intensity,
+                     color)
 
 
 def check_cache(folder: Path, key: str, n_images: int) -> tuple[bool, str]:
@@ -83,36 +104,56 @@ def check_cache(folder: Path, key: str, n_images: int) -> tuple[bool, str]:
         return False, "no meta.json (extraction never finished)"
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
+    except (OSError, ValueError) as err:     # JSONDecodeError, UnicodeDecodeError
         return False, f"meta.json is corrupt ({err})"
+    if not isinstance(meta, dict):
+        return False, f"meta.json is corrupt (a JSON {type(meta).__name__}, not an object)"
     if meta.get("key") != key or meta.get("n_images") != n_images:
         return False, "stale: trunk, preprocessing or images changed"
-    for name in ("features.npy", "zoom.npy"):
-        f = folder / name
-        if not f.is_file() or f.stat().st_size != meta["bytes"][name]:
-            return False, f"{name} is missing or truncated"
-        if _sha256(f) != meta["sha256"][name]:
-            return False, f"{name} fails its checksum (corrupt)"
+    try:
+        for name in ("features.npy", "zoom.npy"):
+            f = folder / name
+            if not f.is_file() or f.stat().st_size != meta["bytes"][name]:
+                return False, f"{name} is missing or truncated"
+            if _sha256(f) != meta["sha256"][name]:
+                return False, f"{name} fails its checksum (corrupt)"
+        dim = int(meta["dim"])
+    except (KeyError, TypeError, ValueError) as err:
+        return False, f"meta.json is corrupt (bad or missing entry: {type(err).__name__}: {err})"
+    for name, shape in (("features.npy", (n_images, dim)), ("zoom.npy", (n_images,))):
+        try:
+            arr = np.load(folder / name, mmap_mode="r")
+        except Exception as err:     # a header numpy cannot parse
+            return False, f"{name} cannot be opened ({type(err).__name__}: {err})"
+        if arr.shape != shape or arr.dtype != np.float32:
+            return False, f"{name} holds {arr.dtype} of shape {arr.shape}, not float32 of shape {shape}"
+        del arr
     return True, "ok"
 
 
 def build_feature_cache(model, cohort: Cohort, cache_dir: str | Path, accelerator=None, batch_size: int = 64,
                         num_workers: int = 0, policy: str = "resize", intensity: str = "dtype",
-                        color: str = "gray", log=print) -> FeatureCache:
-    """Load the cache for (model trunk, cohort) or build it, sharded over ``accelerator``'s processes."""
+                        color: str = "gray", log=print, key: str | None = None) -> FeatureCache:
+    """Load the cache for (model trunk, cohort) or build it, sharded over ``accelerator``'s processes.
+
+    ``key`` may be passed when the caller already computed ``cache_key`` for the same arguments (it stats every
+    image)."""
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     is_main = rank == 0
     transform = ImageTransform.from_preprocess(model.preprocess, policy)
-    key = cache_key(model.trunk_id, transform, cohort, intensity, color)
+    key = key or cache_key(model.trunk_id, transform, cohort, intensity, color)
     folder = Path(cache_dir) / key
     n = len(cohort.images)
     ok, reason = check_cache(folder, key, n)
     if not ok:
         if is_main:
-            if folder.exists():
+            if folder.exists() or folder.is_symlink():
                 log(f"feature cache {folder}: {reason}; rebuilding")
-                shutil.rmtree(folder)
+                if folder.is_dir() and not folder.is_symlink():
+                    shutil.rmtree(folder)
+                else:
+                    folder.unlink()
             folder.mkdir(parents=True)
         _barrier(accelerator)
         _extract(model, cohort, folder, transform, rank, world, batch_size, num_workers, intensity, color, key,

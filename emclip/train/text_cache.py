@@ -2,19 +2,28 @@
 
 With ``lock_text`` only the text projection trains, so the transformer's pooled output of each report never
 changes: computing it once removes the text transformer from every training step, and the file
-``<cache_dir>/text-<key>.npy`` lets every run (and every evaluation) with the same text tower and reports reuse it.
-The key hashes the frozen text weights (the trainable projection excluded) and the report texts.
+``<cache_dir>/text-<key>.npz`` lets every run (and every evaluation) with the same text tower and reports reuse it.
+The key hashes the frozen text weights (the trainable projection excluded), the patient ids and the report texts.
+
+The file (written atomically: temp + rename) holds the features, the key and the patient ids it was built for. A
+file that cannot be read (truncated, empty, not an ``.npz``), lacks an entry, carries another key or other patients,
+or holds an array of the wrong shape, type or with non-finite values is reported as damaged and rebuilt, never used.
 """
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import io
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..paths import write_bytes_atomic
+
+TEXT_CACHE_VERSION = 2   # 2: .npz with key and patient ids (1: a bare .npy of the features)
 
 
 def _frozen_text_digest(model) -> str:
@@ -27,6 +36,54 @@ def _frozen_text_digest(model) -> str:
     return h.hexdigest()
 
 
+def text_cache_key(model, ids: list[str], texts: list[str]) -> str:
+    payload = json.dumps({"version": TEXT_CACHE_VERSION, "text": _frozen_text_digest(model), "ids": ids,
+                          "texts": texts})
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def read_text_cache(path: Path, key: str, ids: list[str], dim: int) -> tuple[torch.Tensor | None, str]:
+    """(features, "ok") when ``path`` is a complete cache for ``key`` and ``ids`` with ``dim`` features per
+    patient; else (None, why it cannot be used)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = sorted({"key", "patient_ids", "features"} - set(data.files))
+            if missing:
+                return None, f"no {', '.join(missing)} entry"
+            stored_key, stored_ids, features = str(data["key"]), data["patient_ids"], data["features"]
+    except Exception as err:   # truncated, empty, garbage, not an .npz: whatever numpy or zipfile raise
+        return None, f"unreadable: {type(err).__name__}: {err}"
+    if stored_key != key:
+        return None, f"key {stored_key[:20]!r} is not this cache's {key!r}"
+    if stored_ids.shape != (len(ids),) or stored_ids.tolist() != ids:
+        return None, f"built for other patients ({stored_ids.size} ids, this cohort has {len(ids)})"
+    if features.dtype != np.float32 or features.shape != (len(ids), dim):
+        return None, (f"features are {features.dtype} of shape {features.shape}, expected float32 of shape "
+                      f"{(len(ids), dim)}")
+    if not np.isfinite(features).all():
+        return None, "features hold non-finite values"
+    return torch.from_numpy(features), "ok"
+
+
+def write_text_cache(path: Path, key: str, ids: list[str], features: torch.Tensor) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, key=np.array(key), patient_ids=np.array(ids, dtype=str),
+             features=features.numpy().astype(np.float32, copy=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, buffer.getvalue())   # a concurrent or killed writer never leaves half a file
+
+
+def _encode(model, texts: list[str], batch_size: int) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = [model.encode_text_pooled(texts[i:i + batch_size]).float().cpu()
+                  for i in range(0, len(texts), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks)
+
+
 @dataclass
 class TextFeatures:
     index: dict[str, int]          # patient_id -> row
@@ -35,27 +92,29 @@ class TextFeatures:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model, cohort, batch_size: int = 64, cache_dir: str | Path | None = None) -> "TextFeatures":
+    def build(cls, model, cohort, batch_size: int = 64, cache_dir: str | Path | None = None,
+              log=print) -> "TextFeatures":
         ids = list(cohort.reports.patient_id)
+        names = [str(p) for p in ids]
         texts = list(cohort.reports.report)
-        path = None
+        features, path = None, None
         if cache_dir is not None:
-            key = hashlib.sha256((_frozen_text_digest(model) + "\0".join(texts)).encode()).hexdigest()[:20]
-            path = Path(cache_dir) / f"text-{key}.npy"
-        if path is not None and path.is_file():
-            features = torch.from_numpy(np.load(path))
-        else:
-            was_training = model.training
-            model.eval()
-            chunks = [model.encode_text_pooled(texts[i:i + batch_size]).float().cpu()
-                      for i in range(0, len(texts), batch_size)]
-            model.train(was_training)
-            features = torch.cat(chunks)
-            if path is not None:   # written atomically: a concurrent or killed writer never leaves half a file
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as fh:
-                    np.save(fh, features.numpy())
-                os.replace(fh.name, path)
+            key = text_cache_key(model, names, texts)
+            path = Path(cache_dir) / f"text-{key}.npz"
+            if path.exists():
+                dim = int(_encode(model, texts[:1], 1).shape[-1])   # one report: the tower's feature size
+                features, reason = read_text_cache(path, key, names, dim)
+                if features is None:
+                    log(f"text cache {path} is damaged ({reason}); rebuilding")
+        if features is None:
+            features = _encode(model, texts, batch_size)
+            if path is not None:
+                try:
+                    if path.is_dir():   # nothing but this cache may live under its name
+                        shutil.rmtree(path)
+                    write_text_cache(path, key, names, features)
+                except OSError as err:   # e.g. a read-only cache folder: the features are still correct
+                    log(f"text cache {path} could not be written ({err}); continuing without it")
         return cls({pid: i for i, pid in enumerate(ids)}, features, {t: i for i, t in enumerate(texts)})
 
     def lookup(self, patient_ids: list[str]) -> torch.Tensor:

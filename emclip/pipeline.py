@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -19,9 +20,10 @@ from torch.utils.data import DataLoader
 
 from .data import BagDataset, ImageTransform, collate_bags
 from .evaluation import Embeddings, embed_cohort, evaluate, load_prompts, resolve_prompts
+from .evaluation.zeroshot import prompts_from_diagnoses
 from .paths import project_root, resolve
 from .train.cache import build_feature_cache, feature_cache_key, image_files_digest
-from .train.checkpoint import latest_checkpoint, load_model_weights
+from .train.checkpoint import load_model_weights, resolve_checkpoint
 from .train.config import TrainConfig, load_config, params_file
 from .train.loop import build_run_model
 from .train.runinfo import load_run_cohort
@@ -90,20 +92,26 @@ def training_curves(run_dir: str | Path, out: str | Path | None = None):
 
 
 def _prompt_classes(cohort):
-    """The bundled renal prompts when they cover the cohort's diagnoses; else classes from the cohort itself."""
+    """The bundled renal prompts when they cover the cohort's diagnoses. When they cover only some, the cohort's
+    classes keep the curated synonyms and templates of those they share, and a warning names the others (they are
+    prompted by their name alone); with none shared, the classes and generic templates come from the cohort."""
     renal = load_prompts("renal_em")
-    dx = set(cohort.reports.diagnosis.dropna())
-    return renal if dx and dx <= set(renal.classes) else None
+    dx = {str(d) for d in cohort.reports.diagnosis.dropna()}
+    if dx and dx <= set(renal.classes):
+        return renal
+    shared = dx & set(renal.classes)
+    if not shared:
+        return None
+    others = sorted(dx - shared)
+    warnings.warn(f"zero-shot prompts: {len(others)} diagnosis value(s) are not among the bundled renal classes and "
+                  f"are prompted by name only: {', '.join(repr(o) for o in others)}", UserWarning, stacklevel=2)
+    return prompts_from_diagnoses(dx, known=renal, templates=renal.templates)
 
 
 def run_checkpoint(run_dir: str | Path, checkpoint: str = "best") -> Path:
-    """The checkpoint folder ``load_run_model`` reads: ``checkpoint`` (``best``) when it has weights, else the latest."""
-    run = resolve(run_dir)
-    ckpt = run / "checkpoints" / checkpoint
-    ckpt = ckpt if (ckpt / "model.safetensors").is_file() else latest_checkpoint(run / "checkpoints")
-    if ckpt is None:
-        raise FileNotFoundError(f"{run} has no checkpoint: train it first")
-    return ckpt
+    """The checkpoint folder ``load_run_model`` reads, verified: ``best`` (or ``latest``, or a step folder's name);
+    a missing or damaged one is an error or a named substitute, never a silent one."""
+    return resolve_checkpoint(resolve(run_dir) / "checkpoints", checkpoint, log=print)
 
 
 def load_run_model(run_dir: str | Path, checkpoint: str = "best"):

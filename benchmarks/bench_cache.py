@@ -65,7 +65,7 @@ def run(data: str | None = None, n_patients: int = 16, batch_size: int = 4, step
         generate_cohort(root, n_patients=n_patients, seed=0, image_size=image_size, workers=os.cpu_count() or 1,
                         progress=False)
         gen_seconds = time.perf_counter() - t0
-    cohort = load_cohort(root)
+    cohort = load_cohort(root, require_splits=False)   # a throughput benchmark needs no val or test patients
     if data and n_patients < len(cohort.reports):  # a subset of a larger cohort: keep its first n patients
         keep = set(cohort.reports.patient_id[:n_patients])
         cohort.reports = cohort.reports[cohort.reports.patient_id.isin(keep)].reset_index(drop=True)

@@ -340,8 +340,10 @@ def _check_reports_table(df: pd.DataFrame, name: str, problems: list[Problem]) -
 
 def validate_cohort(root: str | Path, check_images: str = "decode", workers: int = 4, progress: bool = False,
                     split_fractions=DEFAULT_FRACTIONS, seed: int = 0, drop_invalid: bool = False,
-                    labels: LabelOptions | None = None) -> tuple[Cohort | None, list[Problem]]:
-    """Load and validate a cohort folder; returns (cohort or None, problems).
+                    labels: LabelOptions | None = None,
+                    require_splits: bool = True) -> tuple[Cohort | None, list[Problem]]:
+    """Load and validate a cohort folder; returns (cohort or None, problems). ``require_splits=False`` accepts a
+    split left empty (a benchmark or a feature export needs no val or test; training and evaluation do).
 
     Patients without a ``diagnosis`` get one from their report as ``labels`` says (default: the ``renal`` report
     labeler; see :mod:`emclip.data.diagnoses`), before the splits are stratified by it."""
@@ -402,6 +404,7 @@ def validate_cohort(root: str | Path, check_images: str = "decode", workers: int
         return None, problems + [Problem(rep_name, None, "no valid patient left after dropping invalid rows")]
     cohort = _build(root, keep_images, keep_reports, split_fractions, seed, labels, labels_table, progress)
     cohort, leaks, small = _check_built(cohort, img_name, rep_name, drop_invalid)
+    small = small if require_splits else []
     problems += leaks + small
     if small or (leaks and not drop_invalid):
         return None, problems
@@ -444,10 +447,10 @@ def _build(root: Path, images: pd.DataFrame, reports: pd.DataFrame, fractions, s
 
 def load_cohort(root: str | Path, check_images: str = "exists", workers: int = 4, progress: bool = False,
                 split_fractions=DEFAULT_FRACTIONS, seed: int = 0, drop_invalid: bool = False,
-                labels: LabelOptions | None = None) -> Cohort:
+                labels: LabelOptions | None = None, require_splits: bool = True) -> Cohort:
     """Load a cohort, raising :class:`CohortError` listing every problem (unless ``drop_invalid``)."""
     cohort, problems = validate_cohort(root, check_images, workers, progress, split_fractions, seed, drop_invalid,
-                                       labels)
+                                       labels, require_splits)
     if cohort is None:
         raise CohortError(Path(root), problems)
     return cohort

@@ -17,7 +17,7 @@ def cohort_grid(data: str | Path | Cohort, out: str | Path, bins=SCALE_BINS) -> 
     """One row per diagnosis, one column per scale bin; the first image of the cohort that falls in each cell.
 
     ``data`` is a cohort folder or an already loaded :class:`Cohort` (whose diagnoses may come from the labeler)."""
-    cohort = data if isinstance(data, Cohort) else load_cohort(data, check_images="none")
+    cohort = data if isinstance(data, Cohort) else load_cohort(data, check_images="none", require_splits=False)
     images = cohort.images.merge(cohort.reports[["patient_id", "diagnosis"]], on="patient_id")
     names = sorted(images.diagnosis.dropna().unique(), key=str)
     fig, axes = plt.subplots(len(names), len(bins), figsize=(2.0 * len(bins), 2.05 * len(names)), squeeze=False)

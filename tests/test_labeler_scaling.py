@@ -27,6 +27,7 @@ import yaml
 
 from emclip.labels import Labeler
 from emclip.labels import labeler as labeler_module
+from emclip.labels import text as text_module
 from emclip.labels.text import clause_bounds
 
 CASES = Path(__file__).parent / "data" / "labeler"
@@ -109,12 +110,18 @@ def _work(lab: Labeler, counter: list[int], text: str) -> tuple[int, int]:
         return local if frame.f_code.co_filename.startswith(LABELS_DIR) else None
 
     counter[0] = 0
+    # the sentence splitter's own patterns count too
+    saved = {name: getattr(text_module, name) for name in ("_SENT_END", "_WORD_BEFORE")}
+    for name, rx in saved.items():
+        setattr(text_module, name, _CountedPattern(rx, counter))
     previous = sys.gettrace()
     sys.settrace(global_)
     try:
         lab.label(text)
     finally:
         sys.settrace(previous)
+        for name, rx in saved.items():
+            setattr(text_module, name, rx)
     return lines[0], counter[0]
 
 
@@ -122,6 +129,7 @@ WORK_INPUTS = {  # name: (vocabulary, text of a length, N)
     "deposits, x N (no full stop)": ("renal", lambda n: repeated("deposits, ", n), 1000),
     "no deposits suggest x N": ("renal", lambda n: repeated("no deposits suggest ", n), 1000),
     "x vs y x N": ("chexpert", lambda n: repeated("effusion vs atelectasis ", n), 1000),
+    "vs. x N (abbreviations: no sentence end)": ("renal", lambda n: repeated("FSGS vs. ", n), 1000),
     "realistic renal reports": ("renal", realistic, 500),
     "realistic, one sentence": ("renal", lambda n: realistic(n, one_sentence=True), 500),
     "realistic chest reports": ("chexpert", lambda n: realistic(n, "chexpert_cases.yaml"), 500),

@@ -20,6 +20,7 @@ The three stages follow CheXpert's labeler (which builds on NegBio), re-implemen
 from __future__ import annotations
 
 import re
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,13 +77,107 @@ def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
 
 
 def _longest_first(items: list, span) -> list:
-    """Keep non-overlapping items, longer spans first; items with an identical span are all kept."""
-    kept: list = []
-    for it in sorted(items, key=lambda x: (-(span(x)[1] - span(x)[0]), span(x)[0])):
-        s = span(it)
-        if all(s == span(k) or not _overlaps(s, span(k)) for k in kept):
-            kept.append(it)
-    return sorted(kept, key=lambda x: span(x)[0])
+    """Keep non-overlapping items, longer spans first; items with an identical span are all kept.
+
+    The kept spans are pairwise identical or disjoint, so an item overlaps a kept one exactly when it is not one of
+    the kept spans and one of its characters is already covered: a coverage mask makes each check cost the item's
+    length instead of the number kept (which made a long sentence quadratic)."""
+    spans = [span(it) for it in items]
+    if any(e <= s for s, e in spans):  # an empty span overlaps nothing by characters: keep the pairwise rule
+        kept: list = []
+        for it in sorted(items, key=lambda x: (-(span(x)[1] - span(x)[0]), span(x)[0])):
+            s = span(it)
+            if all(s == span(k) or not _overlaps(s, span(k)) for k in kept):
+                kept.append(it)
+        return sorted(kept, key=lambda x: span(x)[0])
+    covered = bytearray(max((e for _, e in spans), default=0))
+    kept_spans: set[tuple[int, int]] = set()
+    kept_idx = []
+    for i in sorted(range(len(items)), key=lambda i: (spans[i][0] - spans[i][1], spans[i][0])):
+        s, e = spans[i]
+        if (s, e) in kept_spans:
+            kept_idx.append(i)
+        elif covered.find(1, s, e) < 0:
+            covered[s:e] = b"\x01" * (e - s)
+            kept_spans.add((s, e))
+            kept_idx.append(i)
+    return sorted((items[i] for i in kept_idx), key=lambda x: span(x)[0])
+
+
+def _coverage(spans, length: int) -> bytearray:
+    """1 at every character covered by one of ``spans``."""
+    covered = bytearray(length)
+    for s, e in spans:
+        if e > s:
+            covered[s:e] = b"\x01" * (e - s)
+    return covered
+
+
+class _Scopes:
+    """Which cues of a sentence govern a mention, answered by binary search instead of a scan of every cue.
+
+    Built on the invariants of :meth:`Labeler._sentence`: cues are sorted by start and pairwise identical or disjoint
+    (``_longest_first``), and no cue overlaps a mention. Then a pre cue reaches a mention only if it is (one of) the
+    last pre cue(s) before it, since the next pre cue ends a pre cue's scope; a post cue only if it is (one of) the
+    first after it; a "both" cue only if no whole mention lies between the two. The rules are those of the scan they
+    replace (kept in tests/test_labeler_scaling.py as the reference), at O(log n) per mention."""
+
+    def __init__(self, cues: list[_Cue], bounds: list[int], spans: list[tuple[int, int]]):
+        self.bounds = bounds
+        self.pre = [c for c in cues if c.type.endswith("_pre")]
+        self.post = [c for c in cues if c.type.endswith("_post")]
+        self.both = [c for c in cues if c.type.endswith("_both")]
+        self.pre_starts = [c.start for c in self.pre]
+        self.post_starts = [c.start for c in self.post]
+        self.both_starts = [c.start for c in self.both]
+        self.both_ends = [c.end for c in self.both]
+        # the last mention start among mentions ending by x, and the first mention end among mentions starting from x
+        by_end = sorted(spans, key=lambda x: x[1])
+        self.ends, self.max_start, best = [e for _, e in by_end], [], -1
+        for s, _ in by_end:
+            best = max(best, s)
+            self.max_start.append(best)
+        by_start = sorted(spans)
+        self.starts, self.min_end, best = [s for s, _ in by_start], [0] * len(by_start), float("inf")
+        for k in range(len(by_start) - 1, -1, -1):
+            best = min(best, by_start[k][1])
+            self.min_end[k] = best
+
+    def classify(self, start: int, end: int) -> tuple[int, str]:
+        """Value of a mention at [start, end) from the cues whose scope covers it (uncertainty > negation)."""
+        bounds = self.bounds
+        c_lo = bounds[bisect_right(bounds, start) - 1]
+        c_hi = bounds[bisect_left(bounds, end)]
+        hits: dict[str, str] = {}
+        # a pre cue covers what follows it up to the clause end or the next pre cue
+        j = bisect_right(self.pre_starts, start) - 1
+        if j >= 0 and c_lo <= self.pre_starts[j]:
+            for cue in self.pre[bisect_left(self.pre_starts, self.pre_starts[j]):j + 1]:
+                if cue.end <= start:
+                    hits.setdefault(cue.type.split("_")[0], cue.text)
+        # a post cue covers what precedes it back to the clause start or the previous post cue
+        j = bisect_left(self.post_starts, end)
+        if j < len(self.post):
+            for cue in self.post[j:bisect_right(self.post_starts, self.post_starts[j])]:
+                if cue.end <= c_hi:
+                    hits.setdefault(cue.type.split("_")[0], cue.text)
+        if "uncertainty" in hits:
+            return UNCERTAIN, hits["uncertainty"]
+        if "negation" in hits:  # "no effusion and/or pneumothorax": a negated alternative is still negated
+            return NEGATIVE, hits["negation"]
+        # "A versus B" covers only the mentions next to it on either side, in its clause: the first such cue counts
+        k = bisect_right(self.ends, start) - 1
+        last_start_before = self.max_start[k] if k >= 0 else -1  # no mention may lie between cue and mention
+        i = max(bisect_right(self.both_ends, last_start_before), bisect_left(self.both_starts, c_lo))
+        if i < len(self.both) and self.both_ends[i] <= start:
+            return UNCERTAIN, self.both[i].text
+        i = bisect_left(self.both_starts, end)
+        if i < len(self.both):
+            k = bisect_left(self.starts, end)
+            first_end_after = self.min_end[k] if k < len(self.starts) else float("inf")
+            if self.both[i].end <= c_hi and self.both_starts[i] < first_end_after:
+                return UNCERTAIN, self.both[i].text
+        return POSITIVE, ""
 
 
 def _parse_number(text: str) -> tuple[float, float]:
@@ -144,10 +239,12 @@ class Labeler:
         lower = sent.lower()
         found = [_Cue(t, m.start(), m.end(), m.group()) for t, pat in self.vocab.cues
                  for m in pat.finditer(sent, lower) if m.end() > m.start()]
-        found = [c for c in found if not any(_overlaps((c.start, c.end), (m[0], m[1])) for m in mentions)]
+        in_mention = _coverage(((m[0], m[1]) for m in mentions), len(sent))
+        found = [c for c in found if in_mention.find(1, c.start, c.end) < 0]
         cues = [c for c in _longest_first(found, lambda c: (c.start, c.end)) if c.type != "pseudo"]
+        in_cue = _coverage(((c.start, c.end) for c in cues), len(sent))
         hard = [m.start() for pat in self.vocab.terminators for m in pat.finditer(sent)
-                if not any(c.start <= m.start() < c.end for c in cues)]
+                if not (m.start() < len(sent) and in_cue[m.start()])]
         return cues, hard
 
     @staticmethod
@@ -156,47 +253,23 @@ class Labeler:
         them (same clause, no comma between, at most 80 characters before), uncertainty otherwise. So "no focal
         opacity to suggest pneumonia" negates the pneumonia, and "opacity suggests pneumonia" hedges it."""
         out: list[_Cue] = []
+        pre: list[_Cue] = []  # the pre cues of ``out``, in order
         for cue in cues:
             if cue.type == "uncertainty_evidence":
-                lo = max(b for b in bounds if b <= cue.start)
-                prev = [c for c in out if c.type.endswith("_pre") and lo <= c.start and c.end <= cue.start]
-                governed = (prev and prev[-1].type == "negation_pre" and cue.start - prev[-1].end <= 80
-                            and "," not in sent[prev[-1].end:cue.start])
+                lo = bounds[bisect_right(bounds, cue.start) - 1]
+                # the last pre cue ending before this one (cues are sorted and identical or disjoint, so only
+                # cues with this very span are skipped), if it starts in this clause
+                k = len(pre) - 1
+                while k >= 0 and pre[k].end > cue.start:
+                    k -= 1
+                prev = pre[k] if k >= 0 and pre[k].start >= lo else None
+                governed = (prev is not None and prev.type == "negation_pre" and cue.start - prev.end <= 80
+                            and "," not in sent[prev.end:cue.start])
                 cue = _Cue("negation_pre" if governed else "uncertainty_pre", cue.start, cue.end, cue.text)
             out.append(cue)
-        return out
-
-    def _classify(self, start: int, end: int, cues: list[_Cue], bounds: list[int], spans: list[tuple[int, int]]
-                  ) -> tuple[int, str]:
-        """Value of a mention at [start, end) from the cues whose scope covers it (uncertainty > negation)."""
-        c_lo = max(b for b in bounds if b <= start)
-        c_hi = min(b for b in bounds if b >= end)
-        hits: dict[str, str] = {}
-        for i, cue in enumerate(cues):
-            if cue.type.endswith("_both"):  # "A versus B" covers only the mentions next to it on either side
-                lo, hi = (cue.end, start) if cue.end <= start else (end, cue.start)
-                if lo <= hi and c_lo <= min(cue.start, start) and max(cue.end, end) <= c_hi and not any(
-                        lo <= s and e <= hi for s, e in spans):
-                    hits.setdefault("uncertainty_both", cue.text)
-                continue
             if cue.type.endswith("_pre"):
-                if c_lo <= cue.start and cue.end <= start:
-                    # the scope also ends at the next cue, so "possible fibrils, no deposits" splits correctly
-                    nxt = [c.start for c in cues[i + 1:] if c.start >= cue.end and c.type.endswith("_pre")]
-                    if not nxt or start < nxt[0]:
-                        hits.setdefault(cue.type.split("_")[0], cue.text)
-            if cue.type.endswith("_post"):
-                if end <= cue.start and cue.end <= c_hi:
-                    prv = [c.end for c in cues[:i] if c.end <= cue.start and c.type.endswith("_post")]
-                    if not prv or start >= prv[-1]:
-                        hits.setdefault(cue.type.split("_")[0], cue.text)
-        if "uncertainty" in hits:
-            return UNCERTAIN, hits["uncertainty"]
-        if "negation" in hits:  # "no effusion and/or pneumothorax": a negated alternative is still negated
-            return NEGATIVE, hits["negation"]
-        if "uncertainty_both" in hits:
-            return UNCERTAIN, hits["uncertainty_both"]
-        return POSITIVE, ""
+                pre.append(cue)
+        return out
 
     def _sentence(self, text: str, start: int, end: int, section: str) -> list[Mention]:
         sent = text[start:end]
@@ -205,15 +278,18 @@ class Labeler:
         # its label: "heart size is not enlarged" is negative, not negative and uncertain.
         clear = {c[2] for c in cands if c[3] not in ("ambiguous", "hedged")}
         cands = [c for c in cands if not (c[3] in ("ambiguous", "hedged") and c[2] in clear)]
+        if not cands:  # nothing to classify: skip the cue search
+            return []
         cues, hard = self._cues(sent, cands)
         bounds = clause_bounds(sent, hard, self.vocab.verbs)
         cues = self._resolve_evidence(sent, cues, bounds)
+        scopes = _Scopes(cues, bounds, [(c[0], c[1]) for c in cands])
         out = []
         for s, e, label, source, fixed in cands:
             if fixed is not None:
                 value, cue = fixed, ""
             else:
-                value, cue = self._classify(s, e, cues, bounds, [(c[0], c[1]) for c in cands])
+                value, cue = scopes.classify(s, e)
                 if source == "absent":  # an absence phrase is negative; negated ("not preserved") it is positive
                     value = {POSITIVE: NEGATIVE, NEGATIVE: POSITIVE}.get(value, value)
                 elif source == "ambiguous":  # CheXpert's "ambiguous language": uncertain unless negated

@@ -7,11 +7,16 @@ the audit needs to show where a label came from.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 # Words before a full stop that do not end a sentence ("vs. FSGS", "approx. 200 nm", "e.g. deposits").
 _ABBREV = {"e.g", "i.e", "vs", "approx", "ca", "cf", "dr", "fig", "no", "nos", "etc", "resp", "incl", "al", "st"}
-_SENT_END = re.compile(r"[.!?;]+(?=\s|$)|\n[ \t]*(?=\n|[-*\u2022]\s|\d+[.)]\s)")
+# A run of . ! ? ; ends a sentence when whitespace or the end follows it. The run is matched whole and the test made in
+# ``split_sentences``: a lookahead inside the pattern made every position of a long run ("......x") rescan the rest.
+_SENT_END = re.compile(r"[.!?;]+|\n[ \t]*(?=\n|[-*\u2022]\s|\d+[.)]\s)")
+_WORD_BEFORE = re.compile(r"[\w.]+$")
+_ABBREV_WINDOW = 2 + max(map(len, _ABBREV))  # a word longer than any abbreviation needs no more characters read
 # An all-capitals phrase at the start of a line followed by a colon is a section header even if the vocabulary does
 # not know it ("LIGHT MICROSCOPY:"); mixed-case unknown ones are not, so "Deposits: none." stays a sentence.
 _CAPS_HEADER = re.compile(r"^[ \t]*([A-Z][A-Z0-9 /&()'-]{2,50}?)[ \t]*:", re.M)
@@ -53,13 +58,16 @@ def split_sections(text: str, names: dict[str, list[str]]) -> list[Section]:
     headers: list[tuple[int, int, str, str]] = []  # (start, end_of_header, kind, name)
     if known:
         alts = "|".join(re.escape(n).replace(r"\ ", r"\s+") for n in sorted(known, key=len, reverse=True))
-        pat = re.compile(rf"(?:^|(?<=[.!?;:])[ \t]+|(?<=\n))[ \t]*({alts})s?[ \t]*(?:\([^)\n]{{0,30}}\)[ \t]*)?"
-                         rf"(?:[:\u2013\u2014-]|[ \t]*(?=\n|$))", re.IGNORECASE | re.M)
+        # (one [ \t]* per gap: two in a row made a long run of spaces quadratic)
+        pat = re.compile(rf"(?:^|(?<=[.!?;:])(?=[ \t])|(?<=\n))[ \t]*({alts})s?[ \t]*(?:\([^)\n]{{0,30}}\)[ \t]*)?"
+                         rf"(?:[:\u2013\u2014-]|(?=\n|$))", re.IGNORECASE | re.M)
         for m in pat.finditer(text):
             name = _norm(m.group(1))
             headers.append((m.start(1), m.end(), known[name], m.group(1)))
+    known_starts = [h[0] for h in headers]  # in order and disjoint (one finditer)
     for m in _CAPS_HEADER.finditer(text):
-        if not any(h[0] <= m.start(1) < h[1] for h in headers):
+        k = bisect_right(known_starts, m.start(1)) - 1
+        if not (k >= 0 and m.start(1) < headers[k][1]):
             headers.append((m.start(1), m.end(), _header_kind(_norm(m.group(1)), names), m.group(1)))
     headers.sort()
     sections, pos, kind, name = [], 0, "findings", ""
@@ -84,11 +92,13 @@ def split_sentences(text: str, start: int = 0, end: int | None = None) -> list[t
     end = len(text) if end is None else end
     spans, s = [], start
     for m in _SENT_END.finditer(text, start, end):
+        if m.group()[0] != "\n" and m.end() < end and not text[m.end()].isspace():
+            continue  # punctuation inside a token ("3.5", "e.g.,")
         if m.group().startswith("?") and m.start() > start and text[m.start() - 1].isspace():
             continue  # "vasculature, ? early CHF": a spaced question mark is a query cue, not a sentence end
         if m.group().startswith("."):
-            word = re.search(r"([\w.]+)$", text[s:m.start()])
-            if word and word.group(1).lower().rstrip(".") in _ABBREV:
+            word = _WORD_BEFORE.search(text, max(s, m.start() - _ABBREV_WINDOW), m.start())
+            if word and word.group().lower().rstrip(".") in _ABBREV:
                 continue
         spans.append((s, m.end()))
         s = m.end()
@@ -113,6 +123,24 @@ def clause_bounds(sentence: str, hard: list[int], verbs: re.Pattern | None) -> l
     bounds = sorted(set([0, len(sentence)] + hard))
     if verbs is None:
         return bounds
+    # Each verb is found once, in order and only as far as a question needs (finditer, resumed), and "a verb in
+    # [lo, hi)" is a binary search: searching every stretch anew made a long verbless list ("deposits, deposits,
+    # ...") quadratic.
+    found: list[tuple[int, int]] = []
+    starts: list[int] = []
+    pending = [verbs.finditer(sentence)]
+
+    def has_verb(lo: int, hi: int) -> bool:
+        while pending and (not starts or starts[-1] < lo):
+            m = next(pending[0], None)
+            if m is None:
+                pending.clear()
+            else:
+                found.append((m.start(), m.end()))
+                starts.append(m.start())
+        i = bisect_left(starts, lo)
+        return i < len(found) and found[i][1] <= hi
+
     out = [0]
     for a, b in zip(bounds, bounds[1:]):
         last = a
@@ -120,7 +148,7 @@ def clause_bounds(sentence: str, hard: list[int], verbs: re.Pattern | None) -> l
             pos = a + m.start()
             if pos <= last:
                 continue
-            if verbs.search(sentence, last, pos) and verbs.search(sentence, a + m.end(), b):
+            if has_verb(last, pos) and has_verb(a + m.end(), b):
                 out.append(pos)
                 last = pos
         out.append(b)

@@ -28,6 +28,9 @@ _PREFIXES = ("sub", "intra", "para", "peri", "extra", "inter", "non", "post", "h
 _PLURALS = (("is", "(?:is|es)"), ("us", "(?:us|i)"), ("ax", "(?:ax|aces|axes)"), ("y", "(?:y|ies)"))
 _SPACE = r"(?:\s+|\s*-\s*)"  # a space in a phrase also matches a hyphen
 _HYPHEN = r"[\s-]*"  # a hyphen in a phrase also matches a space or nothing
+# Most items a starred macro ``{name*}`` matches. Unbounded, a long list that does not end in the phrase
+# ("mesangial, mesangial, ..." without "deposits") was rescanned from each item: quadratic in the report length.
+MAX_STAR = 20
 
 
 class VocabError(ValueError):
@@ -54,10 +57,10 @@ def _word(word: str, last: bool, plural: bool) -> str:
 def phrase_regex(phrase: str, macros: dict[str, str] | None = None, plural: bool = True, bounded: bool = True) -> str:
     """Regex source for one vocabulary phrase (plain words, ``{macro}`` references, or ``re:`` + a raw regex).
 
-    ``{name}`` inserts macro ``name`` (exactly one of its alternatives); ``{name*}`` inserts zero or more of them,
-    each followed by spaces, commas, a colon or a slash, which is how lists of modifiers are matched
-    ("subepithelial {loc*} deposits" matches "subepithelial and mesangial deposits"). Words in angle brackets are
-    the mention and the rest is context: "<mesangial> {loc*} deposits" claims only "mesangial", so that in
+    ``{name}`` inserts macro ``name`` (exactly one of its alternatives); ``{name*}`` inserts zero or more of them
+    (at most ``MAX_STAR``), each followed by spaces, commas, a colon or a slash, which is how lists of modifiers are
+    matched ("subepithelial {loc*} deposits" matches "subepithelial and mesangial deposits"). Words in angle brackets
+    are the mention and the rest is context: "<mesangial> {loc*} deposits" claims only "mesangial", so that in
     "subendothelial and mesangial deposits" both locations are found without overlapping.
     """
     macros = macros or {}
@@ -67,7 +70,7 @@ def phrase_regex(phrase: str, macros: dict[str, str] | None = None, plural: bool
         key = name.rstrip("*")
         if key not in macros:
             raise VocabError(f"unknown macro {{{key}}} in phrase {phrase!r}")
-        return f"(?:{macros[key]}[\\s,:/]+)*" if star else macros[key]
+        return f"(?:{macros[key]}[\\s,:/]+){{0,{MAX_STAR}}}" if star else macros[key]
 
     if phrase.startswith("re:"):
         return re.sub(r"\{(\w+\*?)\}", lambda m: macro(m.group(1)), phrase[3:].strip())

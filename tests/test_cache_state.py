@@ -3,6 +3,7 @@ the file) from any damage, an image rewritten with the same size and mtime inval
 evaluation is recomputed, saying why, when anything its metrics depend on changed (issue 13)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -331,6 +332,10 @@ def test_evaluation_is_reused_only_while_nothing_it_depends_on_changed(trained_r
     state = load_file(str(weights))
     state["logit_scale"] = state["logit_scale"] + 0.5
     save_file(state, str(weights))
+    meta_path = weights.parent / "meta.json"   # re-sealed, as a new best would be (an unsealed edit is damage)
+    meta = json.loads(meta_path.read_text())
+    meta["checksums"]["model.safetensors"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    meta_path.write_text(json.dumps(meta))
     evaluate(topj=(1, 5), n_boot=12)
     assert len(calls) == 6 and "checkpoint.sha256 changed" in last(), last()
 

@@ -86,16 +86,16 @@ def test_resume_after_sigkill_equals_uninterrupted(tiny_cohort, shared_cache, un
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         log = run / "metrics_log.csv"
-        if log.exists() and len(log.read_text().splitlines()) >= 4:     # a few steps in
+        # a few steps in and a checkpoint written: the second command must resume, not start again
+        if log.exists() and len(log.read_text().splitlines()) >= 4 and (run / "checkpoints" / "latest").exists():
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
     proc.wait(timeout=60)
-    killed = proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, "the trainer ended before it was killed: nothing was resumed"
     out = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    if killed:
-        assert "resuming" in out.stdout + out.stderr
+    assert "resuming" in out.stdout + out.stderr and "from step_" in out.stdout + out.stderr
     _assert_same_run(uninterrupted, run)
 
 

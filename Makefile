@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.emclip-installed
+KERNEL := $(VENV)/share/jupyter/kernels/emclip/kernel.json
 DATA ?= data/demo_cohort
 # spin-waiting OpenMP threads are up to 12x slower on a busy 2-core machine (benchmarks/bench_threads.py)
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -29,7 +30,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-install: $(STAMP)
+# the project's Jupyter kernel, inside the environment: notebooks, papermill, nbval and `make lab` all name it
+$(KERNEL): | $(STAMP)
+	$(PY) -m ipykernel install --sys-prefix --name emclip --display-name "Python (emclip)"
+
+# executed notebooks are committed without outputs (.gitattributes): the filter lives in this clone's .git/config
+$(VENV)/.nbstripout: | $(STAMP)
+	if git rev-parse --git-dir >/dev/null 2>&1; then $(VENV)/bin/nbstripout --install; fi
+	touch $@
+
+install: $(STAMP) $(KERNEL) $(VENV)/.nbstripout
 
 # pytest, then nbval executes every notebook with the seconds-scale parameter set params/ci.yaml
 test: install
@@ -63,7 +73,6 @@ study: install
 	$(PY) -m emclip.study study
 
 lab: install
-	$(PY) -m ipykernel install --user --name emclip --display-name "Python (emclip)"
 	cd notebooks && ../$(VENV)/bin/jupyter lab
 
 bench: install

@@ -14,6 +14,7 @@ import html
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -46,6 +47,26 @@ class QuietKernelManager(KernelManager):
         return super().start_kernel(env=env, **kwargs)
 
 
+PROJECT_KERNEL = 'emclip'   # registered by `make install` into the environment (ipykernel install --sys-prefix)
+
+
+def project_kernel() -> str:
+    """The name of the project's Jupyter kernel, after checking that it is registered and runs this environment's
+    Python (a kernel of the same name from another checkout or environment would run other code)."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    how = (f"run `make install`, or `{sys.executable} -m ipykernel install --sys-prefix --name {PROJECT_KERNEL} "
+           f"--display-name 'Python (emclip)'`")
+    try:
+        spec = KernelSpecManager().get_kernel_spec(PROJECT_KERNEL)
+    except NoSuchKernel:
+        raise RuntimeError(f"the project's Jupyter kernel {PROJECT_KERNEL!r} is not registered: {how}") from None
+    if Path(spec.argv[0]).absolute() != Path(sys.executable).absolute():
+        raise RuntimeError(f"the Jupyter kernel {PROJECT_KERNEL!r} ({spec.resource_dir}) runs {spec.argv[0]}, not "
+                           f"this environment's {sys.executable}: remove it (`jupyter kernelspec remove "
+                           f"{PROJECT_KERNEL}`) and {how}")
+    return PROJECT_KERNEL
+
+
 def execute_notebook(name: str, out_dir: str | Path, parameters: dict | None = None, html_copy: bool = True,
                      cwd: str | Path | None = None, show_code: bool = False) -> Path:
     """Run ``notebooks/<name>.ipynb`` with papermill into ``out_dir`` (+ an HTML copy); returns the output path and
@@ -57,7 +78,7 @@ def execute_notebook(name: str, out_dir: str | Path, parameters: dict | None = N
     out = out_dir / f'{name}.ipynb'
     start = time.perf_counter()
     pm.execute_notebook(str(source), str(out), parameters=parameters or {}, cwd=str(cwd or source.parent),
-                        progress_bar=False, kernel_name='python3', kernel_manager_class=QuietKernelManager)
+                        progress_bar=False, kernel_name=project_kernel(), kernel_manager_class=QuietKernelManager)
     seconds = time.perf_counter() - start
     if html_copy:
         to_html(out, show_code=show_code)

@@ -204,3 +204,35 @@ def test_notebook_launcher_two_processes(tiny_cohort, shared_cache, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 3
+
+
+def test_an_interrupt_says_where_it_stopped_in_one_line_and_running_again_resumes(tiny_cohort, shared_cache,
+                                                                                  uninterrupted, tmp_path,
+                                                                                  monkeypatch, capsys):
+    from emclip.train import TrainingInterrupted
+    from emclip.train import loop
+    run = tmp_path / "run"
+    original, calls = loop._Trainer.step, []
+
+    def interrupted_at_the_fifth(self, micro):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt   # what Ctrl-C or a notebook's interrupt raises inside the step
+        return original(self, micro)
+    monkeypatch.setattr(loop._Trainer, "step", interrupted_at_the_fifth)
+    with pytest.raises(TrainingInterrupted) as err:
+        train(load_config("ci", _overrides(tiny_cohort, run, shared_cache)))
+    assert str(err.value) == "interrupted at step 4; run again to resume (from step_000004, the last checkpoint)"
+
+    from IPython.core.interactiveshell import InteractiveShell   # what a notebook shows: the line, no traceback
+    shell = InteractiveShell.instance()
+    shell.user_ns["error"] = err.value
+    capsys.readouterr()
+    shell.run_cell("raise error")
+    shown = capsys.readouterr()
+    assert "interrupted at step 4; run again to resume" in shown.out + shown.err
+    assert "Traceback" not in shown.out + shown.err and "KeyboardInterrupt" not in shown.out + shown.err
+
+    monkeypatch.setattr(loop._Trainer, "step", original)      # the lock was released; the same call resumes
+    assert train(load_config("ci", _overrides(tiny_cohort, run, shared_cache)))["steps"] == 9
+    _assert_same_run(uninterrupted, run)

@@ -13,7 +13,7 @@ import sys
 from ..data import CohortError
 from .checkpoint import CheckpointError
 from .config import load_config
-from .loop import TrainingDiverged, train
+from .loop import TrainingDiverged, TrainingInterrupted, train
 from .runinfo import IncompatibleResume, RunDirInUse
 
 # Refusals with a message that says what to do: printed as one line, not as a traceback.
@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as err:
+        print(err, file=sys.stderr)
+        return 130   # the shell's code for Ctrl-C
     except REFUSALS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -36,6 +36,19 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C / a notebook's interrupt: one line saying where training stopped and that running again resumes (no
+    traceback in IPython, which renders ``_render_traceback_`` instead)."""
+
+    def __init__(self, step: int, last: Path | None):
+        where = f"from {last.name}, the last checkpoint" if last is not None else "from the start (no checkpoint yet)"
+        super().__init__(f"interrupted at step {step}; run again to resume ({where})")
+        self.step, self.last = step, last
+
+    def _render_traceback_(self) -> list[str]:
+        return [str(self)]
+
+
 class EpochSampler(Sampler):
     """A permutation of the dataset that depends only on (seed, epoch): resuming replays the same order."""
 
@@ -263,7 +276,9 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, say, run: Path, ckpt_root
     writer = _TensorBoard(run) if is_main else None
     start = time.perf_counter()
     done = step >= total_steps or (cfg.max_steps is not None and step >= cfg.max_steps)
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {run.name}", unit="step", disable=not is_main)
+    # only other ranks are disabled explicitly: an explicit disable= would override TQDM_DISABLE (reports set it)
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {run.name}", unit="step",
+               **({} if is_main else {"disable": True}))
 
     def checkpoint(epoch: int, batch_in_epoch: int, val_loss: float | None = None, is_best: bool = False):
         accelerator.wait_for_everyone()
@@ -274,65 +289,76 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, say, run: Path, ckpt_root
             return save_checkpoint(ckpt_root, trainer.raw, optimizer, scheduler, meta)
         return None
 
-    for epoch in range(start_epoch, cfg.epochs):
-        if done:
-            break
-        sampler.set_epoch(epoch)
-        train_ds.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_loader, skip * cfg.accum_freq) if skip else train_loader
-        if hasattr(loader, "set_epoch"):   # accelerate's loaders re-seed the sampler from their own epoch counter
-            loader.set_epoch(epoch)
-        batch_in_epoch, micro = skip, []
-        skip = 0
-        for batch in loader:
-            micro.append(batch)
-            if len(micro) < cfg.accum_freq:
-                continue
-            loss = trainer.step(micro)
-            micro = []
-            if not math.isfinite(loss):
-                last = latest_checkpoint(ckpt_root)
-                raise TrainingDiverged(f"loss is {loss} at step {step + 1} (epoch {epoch}); stopped without saving. "
-                                       f"Last good checkpoint: {last or 'none'}. Lower lr or check the inputs.")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            trainer.raw.clamp_logit_scale()
-            step += 1
-            batch_in_epoch += 1
-            bar.update()
-            if is_main:
-                row = [step, epoch, round(loss, 6), scheduler.get_last_lr()[0],
-                       round(float(trainer.raw.logit_scale.detach().exp()), 4), "", "",
-                       round(time.perf_counter() - start, 2)]
-                _append(log_path, row)
-                writer.scalars(step, loss=loss, lr=row[3], logit_scale=row[4])
-                bar.set_postfix(loss=f"{loss:.3f}")
-            if cfg.max_steps is not None and step >= cfg.max_steps:
-                done = True
+    postfix: dict[str, str] = {}
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            if done:
                 break
-            if step % cfg.checkpoint_every == 0 and batch_in_epoch < steps_per_epoch:
+            sampler.set_epoch(epoch)
+            train_ds.set_epoch(epoch)
+            loader = accelerator.skip_first_batches(train_loader, skip * cfg.accum_freq) if skip else train_loader
+            if hasattr(loader, "set_epoch"):   # accelerate's loaders re-seed the sampler from their own epoch counter
+                loader.set_epoch(epoch)
+            batch_in_epoch, micro = skip, []
+            skip = 0
+            for batch in loader:
+                micro.append(batch)
+                if len(micro) < cfg.accum_freq:
+                    continue
+                loss = trainer.step(micro)
+                micro = []
+                if not math.isfinite(loss):
+                    last = latest_checkpoint(ckpt_root)
+                    raise TrainingDiverged(f"loss is {loss} at step {step + 1} (epoch {epoch}); stopped without saving. "
+                                           f"Last good checkpoint: {last or 'none'}. Lower lr or check the inputs.")
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                trainer.raw.clamp_logit_scale()
+                step += 1
+                batch_in_epoch += 1
+                bar.update()
+                if is_main:
+                    row = [step, epoch, round(loss, 6), scheduler.get_last_lr()[0],
+                           round(float(trainer.raw.logit_scale.detach().exp()), 4), "", "",
+                           round(time.perf_counter() - start, 2)]
+                    _append(log_path, row)
+                    writer.scalars(step, loss=loss, lr=row[3], logit_scale=row[4])
+                    postfix["loss"] = f"{loss:.3f}"
+                    bar.set_postfix(postfix)
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    done = True
+                    break
+                if step % cfg.checkpoint_every == 0 and batch_in_epoch < steps_per_epoch:
+                    checkpoint(epoch, batch_in_epoch)
+            if done and batch_in_epoch < steps_per_epoch:
                 checkpoint(epoch, batch_in_epoch)
-        if done and batch_in_epoch < steps_per_epoch:
-            checkpoint(epoch, batch_in_epoch)
-            break
-        val_loss, val_recall = trainer.validate(val_loader)
-        score = val_recall if cfg.select_on == "val_recall" else -val_loss
-        improved = score > best_score
-        best, best_score = min(best, val_loss), max(best_score, score)
-        if is_main:
-            _append(log_path, [step, epoch, "", "", "", round(val_loss, 6), round(val_recall, 6),
-                               round(time.perf_counter() - start, 2)])
-            writer.scalars(step, val_loss=val_loss, val_recall=val_recall)
-            say(f"epoch {epoch + 1}/{cfg.epochs}: step {step}, val loss {val_loss:.4f}, val recall {val_recall:.3f}"
-                + (f" (best {cfg.select_on})" if improved else ""))
-        if improved:
-            best_step = step
-        # the step records itself as best and is not pruned until best/ holds it: a kill before copy_as loses
-        # nothing (resuming re-creates best/, evaluation finds the step)
-        path = checkpoint(epoch + 1, 0, val_loss, is_best=improved)
-        if is_main and improved:
-            copy_as(ckpt_root, path, "best")
+                break
+            val_loss, val_recall = trainer.validate(val_loader)
+            score = val_recall if cfg.select_on == "val_recall" else -val_loss
+            improved = score > best_score
+            best, best_score = min(best, val_loss), max(best_score, score)
+            if is_main:
+                _append(log_path, [step, epoch, "", "", "", round(val_loss, 6), round(val_recall, 6),
+                                   round(time.perf_counter() - start, 2)])
+                writer.scalars(step, val_loss=val_loss, val_recall=val_recall)
+                postfix.update(epoch=f"{epoch + 1}/{cfg.epochs}", val_loss=f"{val_loss:.4f}",
+                               val_recall=f"{val_recall:.3f}" + ("*" if improved else ""))
+                bar.set_postfix(postfix)   # per-epoch values live in the bar; a log line only where no bar shows
+                if bar.disable:
+                    say(f"epoch {epoch + 1}/{cfg.epochs}: step {step}, val loss {val_loss:.4f}, val recall "
+                        f"{val_recall:.3f}" + (f" (best {cfg.select_on})" if improved else ""))
+            if improved:
+                best_step = step
+            # the step records itself as best and is not pruned until best/ holds it: a kill before copy_as loses
+            # nothing (resuming re-creates best/, evaluation finds the step)
+            path = checkpoint(epoch + 1, 0, val_loss, is_best=improved)
+            if is_main and improved:
+                copy_as(ckpt_root, path, "best")
+    except KeyboardInterrupt:
+        bar.close()
+        last = latest_checkpoint(ckpt_root) if is_main else None
+        raise TrainingInterrupted(step, last) from None
     bar.close()
     accelerator.wait_for_everyone()
     summary = {"run_dir": str(run), "steps": step, "best_val_loss": best, "select_on": cfg.select_on,

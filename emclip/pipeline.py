@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from .data import BagDataset, ImageTransform, collate_bags
 from .evaluation import Embeddings, embed_cohort, evaluate, load_prompts, resolve_prompts
+from .evaluation.embeddings import default_device
 from .evaluation.zeroshot import prompts_from_diagnoses
 from .paths import project_root, resolve
 from .train.cache import build_feature_cache, feature_cache_key, image_files_digest
@@ -114,13 +115,14 @@ def run_checkpoint(run_dir: str | Path, checkpoint: str = "best") -> Path:
     return resolve_checkpoint(resolve(run_dir) / "checkpoints", checkpoint, log=print)
 
 
-def load_run_model(run_dir: str | Path, checkpoint: str = "best"):
-    """The trained model of a run (``best`` checkpoint by validation loss, else the latest) and its config."""
+def load_run_model(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device | None = None):
+    """The trained model of a run (its verified ``best`` checkpoint, see :func:`run_checkpoint`) and its config, on
+    ``device`` (default: the accelerator when one is present, else the CPU)."""
     run = resolve(run_dir)
     cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
     model = build_run_model(cfg)
     load_model_weights(model, run_checkpoint(run, checkpoint))
-    return model.eval(), cfg
+    return model.to(device if device is not None else default_device()).eval(), cfg
 
 
 def embed_run(run_dir: str | Path, batch_size: int = 32, model=None, cfg: TrainConfig | None = None,

@@ -50,3 +50,13 @@ def test_image_retrieval_excludes_the_query_patients_own_images():
     result = image_image_retrieval(emb)
     by_query = dict(zip(result.query_index.tolist(), result.ranks.tolist()))
     assert by_query[0] == 2 and by_query[1] == 2     # C ranked after B only; A's own image is not in the gallery
+
+
+def test_evaluation_runs_on_the_accelerator_when_one_is_present(monkeypatch):
+    import torch
+    from emclip.evaluation.embeddings import default_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_device() == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert default_device() == torch.device("cpu")

@@ -114,16 +114,26 @@ def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+def default_device() -> torch.device:
+    """Where evaluation runs when nobody says: the accelerator when one is present (CUDA, then Apple MPS), else CPU."""
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    mps = getattr(torch.backends, 'mps', None)
+    return torch.device('mps') if mps is not None and mps.is_available() else torch.device('cpu')
+
+
 @torch.no_grad()
-def embed_cohort(model, loader, device: str | torch.device = 'cpu', split: str | dict | None = None,
+def embed_cohort(model, loader, device: str | torch.device | None = None, split: str | dict | None = None,
                  meta: dict | None = None) -> Embeddings:
     """Run ``model`` in eval mode without gradients over ``loader`` and collect an :class:`Embeddings`.
 
     Batches follow the data contract: ``images`` [B,K,C,H,W] or ``features`` [B,K,F], ``scales`` [B,K], ``mask`` [B,K]
     (True = real image), ``reports``, ``patient_ids``, ``diagnoses``, ``image_paths`` (real images only, in bag
     order). The split of each patient comes from a ``split`` list in the batch when present, else from ``split``
-    (one name for the whole loader, or a patient id -> split mapping). The model's train/eval mode is restored.
+    (one name for the whole loader, or a patient id -> split mapping). Batches go to ``device``, by default the
+    model's own. The model's train/eval mode is restored.
     """
+    device = next(model.parameters()).device if device is None else torch.device(device)   # default: the model's
     was_training = model.training
     model.eval()
     cols = {k: [] for k in ('pid', 'split', 'dx', 'src', 'patient', 'report', 'image', 'owner', 'path', 'scale',

@@ -174,7 +174,7 @@ def _barrier(accelerator) -> None:
 def _extract(model, cohort, folder, transform, rank, world, batch_size, num_workers, intensity, color, key,
              accelerator, log) -> None:
     n = len(cohort.images)
-    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
     dim = int(model.encode_trunk(torch.zeros(1, transform.channels, transform.image_size, transform.image_size,
                                              device=device)).shape[-1])
     feat_path, zoom_path = folder / "features.npy", folder / "zoom.npy"

@@ -28,6 +28,7 @@ from .train.checkpoint import load_model_weights, resolve_checkpoint
 from .train.config import TrainConfig, load_config, params_file
 from .train.loop import build_run_model
 from .train.runinfo import load_run_cohort
+from .notebook_params import check_parameters  # noqa: F401 - notebooks call it through pipeline
 from .reports import execute_notebook, to_html, write_index  # noqa: F401 - notebooks call them through pipeline
 from .summary import per_class_auc, pair_table, retrieval_table, zero_shot_table  # noqa: F401 - likewise
 from .train.text_cache import CachedTextModel, TextFeatures

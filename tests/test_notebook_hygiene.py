@@ -54,3 +54,31 @@ def test_a_missing_or_foreign_project_kernel_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match=r"runs /elsewhere/bin/python, not this environment's " +
                                            sys.executable.replace("/", r"\/").replace(".", r"\.")):
         project_kernel()
+
+
+def _papermill(tmp_path, *args) -> subprocess.CompletedProcess:
+    """papermill as typed in a shell, from inside notebooks/."""
+    cmd = [sys.executable, "-m", "papermill", "03_train.ipynb", str(tmp_path / "out.ipynb"), "--no-progress-bar",
+           *args]
+    return subprocess.run(cmd, cwd=REPO / "notebooks", capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "EMCLIP_PARAMS": "ci"})
+
+
+def test_papermill_parameters_the_notebook_does_not_have_are_refused(tmp_path):
+    out = _papermill(tmp_path, "-p", "scale_embedd", "false")          # a typo of scale_embed
+    assert out.returncode != 0
+    assert "03_train has no parameter 'scale_embedd'; its parameters are: aggregator, batch_size" in out.stderr
+
+
+def test_papermill_dash_f_with_a_parameter_set_says_how_to_name_it(tmp_path):
+    out = _papermill(tmp_path, "-f", str(REPO / "params" / "ci.yaml"))
+    assert out.returncode != 0
+    assert ("these are the sections of a parameter set file, which papermill's -f injects as variables. Name the "
+            "set instead: `-p params ci`") in out.stderr
+
+
+def test_every_notebook_checks_its_parameters_first():
+    for path in NOTEBOOKS:
+        cells = json.loads(path.read_text())["cells"]
+        first = next(i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", []))
+        assert f'pipeline.check_parameters(globals(), "{path.stem}")' in "".join(cells[first + 1]["source"]), path

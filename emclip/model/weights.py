@@ -13,7 +13,6 @@ no network (and no Hugging Face cache) can build the pretrained default model:
 Anything else is taken as a local file or folder path.
 """
 import contextlib
-import hashlib
 import importlib
 import os
 from collections import OrderedDict
@@ -22,6 +21,8 @@ from typing import Dict, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
+
+from ..digests import tensors_digest
 
 OFFLINE_PREFIX = 'offline:'
 
@@ -196,11 +197,7 @@ def create_timm_classifier(ref: str = 'offline:efficientnet_lite0', arch: Option
 
 def state_digest(module: nn.Module, length: int = 12) -> str:
     """Short sha1 of every parameter and buffer, so identical weights give identical ids across processes."""
-    h = hashlib.sha1()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:length]
+    return tensors_digest(sorted(module.state_dict().items()), "sha1")[:length]
 
 
 def load_checkpoint(model: nn.Module, path: str, strict: bool = True):

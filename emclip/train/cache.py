@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..digests import file_sha256
 from ..data import Cohort, ImageTransform, read_image
 from .checkpoint import write_text_atomic
 
@@ -58,12 +59,7 @@ class FeatureCache:
         return int(self.features.shape[1])
 
 
-def _sha256(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+_sha256 = file_sha256
 
 
 def _image_identity(h, cohort: Cohort) -> None:

@@ -24,7 +24,6 @@ the error names the folder and the problem.
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import os
 import random
@@ -39,6 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..digests import file_sha256, tensors_digest
 from ..paths import write_text_atomic  # noqa: F401 - re-exported: the training modules write through it
 
 CHECKSUMMED = ("model.safetensors", "state.pt")
@@ -57,12 +57,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256 = file_sha256
 
 
 def step_name(step: int) -> str:
@@ -94,12 +89,8 @@ def _frozen_keys(model: torch.nn.Module) -> set[str]:
 
 
 def frozen_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
     state = model.state_dict()
-    for key in sorted(_frozen_keys(model)):
-        h.update(key.encode())
-        h.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensors_digest((key, state[key]) for key in sorted(_frozen_keys(model)))[:16]
 
 
 # ---------------------------------------------------------------------------------------------------- verification

@@ -21,19 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..digests import tensors_digest
 from ..paths import write_bytes_atomic
 
 TEXT_CACHE_VERSION = 2   # 2: .npz with key and patient ids (1: a bare .npy of the features)
 
 
 def _frozen_text_digest(model) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.text.state_dict().items()):
-        if model.text.is_projection(name):
-            continue
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return tensors_digest((name, tensor) for name, tensor in sorted(model.text.state_dict().items())
+                          if not model.text.is_projection(name))
 
 
 def text_cache_key(model, ids: list[str], texts: list[str]) -> str:

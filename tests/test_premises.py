@@ -60,3 +60,22 @@ def test_evaluation_runs_on_the_accelerator_when_one_is_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert default_device() == torch.device("cpu")
+
+
+def test_a_disease_added_to_the_specification_is_named_in_its_reports(tmp_path):
+    """Report names live in diseases.yaml with the disease (they were a code table: a new disease raised KeyError)."""
+    import yaml
+    from emclip.synthetic.reports import write_report
+    from emclip.synthetic.specs import SPEC_FILE
+    raw = yaml.safe_load(SPEC_FILE.read_text())
+    raw["diseases"]["oncocytic glomerulopathy"] = {"prevalence": 1.0, "gbm_thickness_nm": [500, 600]}
+    raw["diseases"]["collagenofibrotic glomerulopathy"] = {"prevalence": 1.0, "report_names": ["Collagen III GN"]}
+    path = tmp_path / "diseases.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    specs = load_specs(path)
+    for name, shown in (("oncocytic glomerulopathy", "Oncocytic glomerulopathy"),
+                        ("collagenofibrotic glomerulopathy", "Collagen III GN")):
+        report = write_report(sample_patient(specs[name], np.random.default_rng(1)), np.random.default_rng(2))
+        assert shown.lower() in report.lower(), report
+    assert "report_names" not in specs["thin basement membrane nephropathy"].scene   # a twin copies no names
+    assert specs["thin basement membrane nephropathy"].names_in_reports[0] == "Thin basement membrane nephropathy"

@@ -8,30 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .specs import PatientScene
+from .specs import PatientScene, load_specs
 
 HEADERS = ["ELECTRON MICROSCOPY:", "Electron microscopy:", "ULTRASTRUCTURAL FINDINGS:", "EM findings:",
            "Ultrastructural examination:"]
 DIAGNOSIS_HEADERS = ["DIAGNOSIS:", "Diagnosis:", "Final diagnosis:", "IMPRESSION:", "Interpretation:"]
 HEDGES = ["{}", "{}", "{}", "Findings consistent with {}", "Features suggestive of {}", "In keeping with {}",
           "Most consistent with {}", "Ultrastructural features favour {}"]
-NAMES = {
-    "normal": ["No significant ultrastructural abnormality", "Unremarkable glomerular ultrastructure",
-               "Normal glomeruli by electron microscopy"],
-    "thin basement membrane nephropathy": ["Thin basement membrane nephropathy", "Thin basement membrane disease",
-                                           "Thin glomerular basement membrane lesion"],
-    "diabetic nephropathy": ["Diabetic nephropathy", "Diabetic glomerulosclerosis", "Diabetic kidney disease"],
-    "Alport syndrome": ["Alport syndrome", "Hereditary nephritis of Alport type", "Alport-type nephropathy"],
-    "minimal change disease": ["Minimal change disease", "Minimal change nephrotic syndrome",
-                               "Podocytopathy of minimal change type"],
-    "membranous nephropathy": ["Membranous nephropathy", "Membranous glomerulonephritis",
-                               "Membranous nephropathy, stage II"],
-    "IgA nephropathy": ["IgA nephropathy", "Mesangial IgA nephropathy", "IgA nephropathy (Berger disease)"],
-    "lupus nephritis": ["Lupus nephritis", "Immune complex glomerulonephritis consistent with lupus nephritis",
-                        "Lupus nephritis, proliferative class"],
-    "amyloidosis": ["Amyloidosis", "Renal amyloidosis", "Glomerular amyloid deposition"],
-    "fibrillary glomerulonephritis": ["Fibrillary glomerulonephritis", "Fibrillary GN", "Fibrillary glomerulopathy"],
-}
 PROPER_NOUNS = ("Alport", "IgA")
 COUNTS = ["One", "Two", "Three", "Four", "Five"]
 
@@ -155,7 +138,7 @@ def write_report(scene: PatientScene, rng: np.random.Generator) -> str:
         findings.append(fibrils)
     order = rng.permutation(len(findings))
     body = " ".join([opening] + [findings[i] for i in order])
-    name = _pick(rng, NAMES[scene.diagnosis])
+    name = _pick(rng, scene.names_in_reports or load_specs()[scene.diagnosis].names_in_reports)
     hedge = _pick(rng, HEDGES)
     if hedge != "{}" and not name.split()[0].startswith(PROPER_NOUNS):
         name = name[0].lower() + name[1:]

@@ -19,6 +19,11 @@ class DiseaseSpec:
     scene: dict                    # scene parameters of the rendered (base) scene, ranges not yet sampled
     render_as: str                 # name of the disease whose scene is rendered (itself unless a size twin)
     size_ratio: float = 1.0        # physical lengths of this disease = rendered scene lengths x size_ratio
+    report_names: tuple[str, ...] = ()   # how a report names it (diseases.yaml); empty: the name itself
+
+    @property
+    def names_in_reports(self) -> list[str]:
+        return list(self.report_names) or [self.name[0].upper() + self.name[1:]]
 
 
 @dataclass
@@ -27,6 +32,7 @@ class PatientScene:
     diagnosis: str
     size_ratio: float
     params: dict = field(default_factory=dict)
+    names_in_reports: list[str] = field(default_factory=list)   # from the spec: how its report names the disease
 
     def physical(self, key: str) -> float:
         """A length parameter in true physical nanometres (what a pathologist would measure)."""
@@ -43,6 +49,7 @@ def load_specs(path: str | Path = SPEC_FILE) -> dict[str, DiseaseSpec]:
         prevalence = float(entry.pop("prevalence", 1.0))
         twin = entry.pop("twin_of", None)
         ratio = float(entry.pop("size_ratio", 1.0))
+        names = tuple(str(n) for n in entry.pop("report_names", None) or ())
         if twin is not None:
             if twin not in raw["diseases"] or raw["diseases"][twin].get("twin_of"):
                 raise ValueError(f"{path}: disease {name!r} is a twin of {twin!r}, which is missing or itself a twin")
@@ -50,9 +57,11 @@ def load_specs(path: str | Path = SPEC_FILE) -> dict[str, DiseaseSpec]:
                 raise ValueError(f"{path}: size twin {name!r} may not set scene parameters: {sorted(entry)}")
             scene = {**copy.deepcopy(defaults), **copy.deepcopy(raw["diseases"][twin] or {})}
             scene.pop("prevalence", None)
-            specs[name] = DiseaseSpec(name, prevalence, scene, render_as=twin, size_ratio=ratio)
+            scene.pop("report_names", None)
+            specs[name] = DiseaseSpec(name, prevalence, scene, render_as=twin, size_ratio=ratio, report_names=names)
         else:
-            specs[name] = DiseaseSpec(name, prevalence, {**copy.deepcopy(defaults), **entry}, render_as=name)
+            specs[name] = DiseaseSpec(name, prevalence, {**copy.deepcopy(defaults), **entry}, render_as=name,
+                                      report_names=names)
     return specs
 
 
@@ -84,4 +93,4 @@ def sample_patient(spec: DiseaseSpec, rng: np.random.Generator) -> PatientScene:
             params[key] = {k: _draw(v, rng) for k, v in sorted(value.items())}
         else:
             params[key] = _draw(value, rng)
-    return PatientScene(spec.name, spec.size_ratio, params)
+    return PatientScene(spec.name, spec.size_ratio, params, spec.names_in_reports)

@@ -202,3 +202,18 @@ def test_a_diagnosis_outside_the_bundled_classes_keeps_the_renal_prompts_for_the
     assert prompts.synonyms["oncocytoma"] == ["oncocytoma"]
     covered = _prompt_classes(SimpleNamespace(reports=pd.DataFrame({"diagnosis": ["normal", "amyloidosis"]})))
     assert covered.classes == renal.classes and covered.synonyms == renal.synonyms   # all bundled: the full set
+
+
+def test_images_read_with_a_warning_are_listed_by_check_with_their_row(cohort_copy, capsys):
+    import numpy as np
+    import tifffile
+    from emclip.data.__main__ import main as check_main
+    images = pd.read_csv(cohort_copy / "images.csv")
+    pixels = np.linspace(0, 1, 48 * 48, dtype=np.float32).reshape(48, 48)
+    pixels[0, :3] = np.inf
+    tifffile.imwrite(cohort_copy / images.path[4], pixels)
+    assert check_main(["check", str(cohort_copy), "--workers", "2"]) == 0
+    out = capsys.readouterr()
+    assert (f"warning: images.csv, row 5 (patient {images.patient_id[4]}): {cohort_copy / images.path[4]}: 3 of 2304 "
+            f"pixel values are NaN or inf; ignored for the intensity range and set to 0") in out.err
+    assert "read with a warning 1 image(s)" in out.out

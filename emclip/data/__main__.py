@@ -44,6 +44,8 @@ def _print_summary(s: dict) -> None:
     if s.get("shared_images"):
         print(f"  shared images       {s['shared_images']} image(s) are also another patient's in the same split "
               f"(weigh twice; listed above)")
+    if s.get("image_warnings"):
+        print(f"  read with a warning {s['image_warnings']} image(s) (listed above)")
     if "dropped" in s:
         print(f"  dropped             {s['dropped']['images']} image(s), {s['dropped']['patients']} patient(s)")
 
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if cohort is None:
         print(f"{len(problems)} problem(s) found in {args.dir}", file=sys.stderr)
         return 2
-    for line in cohort.content_warnings:
+    for line in cohort.image_warnings + cohort.content_warnings:
         print(f"warning: {line}", file=sys.stderr)
     if args.json:
         print(json.dumps(cohort.summary(), indent=2))

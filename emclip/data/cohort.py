@@ -19,7 +19,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .diagnoses import LabelOptions, assign_diagnoses, read_labels_file, source_counts
-from .images import check_file, probe_image, read_image
+from .images import check_file, collect_image_warnings, probe_image, read_image
 from .splits import DEFAULT_FRACTIONS, SPLITS, assign_splits
 
 IMAGE_COLUMNS = ("patient_id", "path", "nm_per_pixel")
@@ -67,6 +67,7 @@ class Cohort:
     problems: list[Problem] = field(default_factory=list)
     labels: dict = field(default_factory=dict)  # where the diagnoses came from (emclip.data.diagnoses)
     content_warnings: list[str] = field(default_factory=list)  # images shared by two patients of one split
+    image_warnings: list[str] = field(default_factory=list)    # files read with a warning (e.g. NaN pixels)
 
     def patient_ids(self, split: str | None = None) -> list[str]:
         rep = self.reports if split is None else self.reports[self.reports.split == split]
@@ -113,6 +114,8 @@ class Cohort:
             out["dropped"] = dict(self.dropped)
         if self.content_warnings:
             out["shared_images"] = len(self.content_warnings)
+        if self.image_warnings:
+            out["image_warnings"] = len(self.image_warnings)
         return out
 
 
@@ -226,38 +229,41 @@ def _check_images_table(df: pd.DataFrame, name: str, root: Path, problems: list[
 
 
 def _check_image_files(images: pd.DataFrame, name: str, level: str, workers: int, progress: bool,
-                       problems: list[Problem]) -> None:
-    """Check every file at ``level``; also record what identifies its content, for the leakage check: the file
+                       problems: list[Problem]) -> list[str]:
+    """Check every file at ``level`` and return the readers' warnings (one line each, with the row); also record what identifies its content, for the leakage check: the file
     (device, inode: a hard link or a second path to one file) and, when decoding, a digest of the decoded pixels
     (a copy under another name or format)."""
     todo = images[~images._bad]
 
-    def probe(path: str) -> tuple[str | None, str, str]:
+    def probe(path: str) -> tuple[str | None, str, str, list[str]]:
         if not os.path.lexists(path):
-            return f"image file not found: {path}", "", ""
-        try:   # exists: a non-empty regular file; header: no pixel decoded; decode: read as for training
-            st = check_file(path)
-            pixels = read_image(path) if level == "decode" else None
-            if level == "header":
-                probe_image(path)
-        except Exception as err:  # noqa: BLE001 - report, do not crash on one bad file
-            return str(err), "", ""
+            return f"image file not found: {path}", "", "", []
+        with collect_image_warnings() as notes:
+            try:   # exists: a non-empty regular file; header: no pixel decoded; decode: read as for training
+                st = check_file(path)
+                pixels = read_image(path) if level == "decode" else None
+                if level == "header":
+                    probe_image(path)
+            except Exception as err:  # noqa: BLE001 - report, do not crash on one bad file
+                return str(err), "", "", []
         digest = "" if pixels is None else hashlib.blake2b(pixels.tobytes(), digest_size=16,
                                                             person=str(pixels.shape).encode()[:16]).hexdigest()
-        return None, f"{st.st_dev}:{st.st_ino}", digest
+        return None, f"{st.st_dev}:{st.st_ino}", digest, list(notes)
 
-    file_ids, digests = {}, {}
+    file_ids, digests, warned = {}, {}, []
     with ThreadPoolExecutor(max(workers, 1)) as pool:
         results = pool.map(probe, todo.path)
-        for (idx, row), (message, file_id, digest) in zip(
+        for (idx, row), (message, file_id, digest, notes) in zip(
                 todo.iterrows(), tqdm(results, total=len(todo), desc=f"checking images ({level})", unit="img",
                                       disable=not progress)):
             if message:
                 problems.append(Problem(name, int(row._row), message, row.patient_id))
                 images.loc[idx, "_bad"] = True
             file_ids[idx], digests[idx] = file_id, digest
+            warned += [f"{name}, row {int(row._row)} (patient {row.patient_id}): {note}" for note in notes]
     images["_file_id"] = pd.Series(file_ids, dtype=object).reindex(images.index).fillna("")
     images["_pixels"] = pd.Series(digests, dtype=object).reindex(images.index).fillna("")
+    return warned
 
 
 def _shared_content(images: pd.DataFrame, split_of: dict[str, str], name: str) -> tuple[list[Problem], list[str]]:
@@ -387,7 +393,9 @@ def validate_cohort(root: str | Path, check_images: str = "decode", workers: int
                 problems.append(Problem(img_name, int(grp._row.iloc[0]), f"patient is in two splits: {values}", pid))
                 images.loc[grp.index, "_bad"] = True
     if check_images != "none":
-        _check_image_files(images, img_name, check_images, workers, progress, problems)
+        image_warnings = _check_image_files(images, img_name, check_images, workers, progress, problems)
+    else:
+        image_warnings = []
     with_images = set(images.patient_id[~images._bad])
     all_listed = set(images.patient_id)
     for idx, row in reports.iterrows():
@@ -404,6 +412,7 @@ def validate_cohort(root: str | Path, check_images: str = "decode", workers: int
         return None, problems + [Problem(rep_name, None, "no valid patient left after dropping invalid rows")]
     cohort = _build(root, keep_images, keep_reports, split_fractions, seed, labels, labels_table, progress)
     cohort, leaks, small = _check_built(cohort, img_name, rep_name, drop_invalid)
+    cohort.image_warnings = image_warnings
     small = small if require_splits else []
     problems += leaks + small
     if small or (leaks and not drop_invalid):

@@ -50,10 +50,12 @@ Policy (stated once, used everywhere):
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
 import stat
+import threading
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -189,12 +191,34 @@ def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
     return arr
 
 
+_SINK = threading.local()   # per thread: check collects each file's warnings for its summary (thread-safe)
+
+
+@contextlib.contextmanager
+def collect_image_warnings():
+    """Within the block, this thread's :class:`ImageReadWarning` messages are appended to the yielded list instead
+    of being issued (``check`` reads files in threads and reports each file's warnings with its row)."""
+    previous, _SINK.notes = getattr(_SINK, "notes", None), []
+    try:
+        yield _SINK.notes
+    finally:
+        _SINK.notes = previous
+
+
+def _warn(message: str, stacklevel: int) -> None:
+    notes = getattr(_SINK, "notes", None)
+    if notes is not None:
+        notes.append(message)
+    else:
+        warnings.warn(message, ImageReadWarning, stacklevel=stacklevel + 1)
+
+
 def _valid_orientation(path: Path, value) -> int:
     if value is None or value == 1:
         return 1
     if isinstance(value, (int, np.integer)) and 2 <= int(value) <= 8:
         return int(value)
-    warnings.warn(f"{path}: invalid orientation {value!r} ignored (read as stored)", ImageReadWarning, stacklevel=4)
+    _warn(f"{path}: invalid orientation {value!r} ignored (read as stored)", stacklevel=4)
     return 1
 
 
@@ -415,8 +439,8 @@ def _to_unit_float(arr: np.ndarray, intensity: str, path: Path, bits: int | None
         np.subtract(1.0, out, out=out)
     if finite is not None:
         out[~finite] = 0.0
-        warnings.warn(f"{path}: {n_bad} of {arr.size} pixel values are NaN or inf; ignored for the intensity range "
-                      f"and set to 0", ImageReadWarning, stacklevel=3)
+        _warn(f"{path}: {n_bad} of {arr.size} pixel values are NaN or inf; ignored for the intensity range and set "
+              f"to 0", stacklevel=3)
     return out
 
 

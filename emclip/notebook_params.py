@@ -7,7 +7,6 @@ to do what was meant."""
 from __future__ import annotations
 
 import inspect
-import types
 
 from .paths import project_root
 
@@ -23,8 +22,7 @@ def declared_parameters(notebook: str) -> list[str]:
 
 
 def _is_value(obj) -> bool:
-    return not (inspect.ismodule(obj) or inspect.isroutine(obj) or inspect.isclass(obj)
-                or isinstance(obj, types.FunctionType))
+    return not (inspect.ismodule(obj) or inspect.isroutine(obj) or inspect.isclass(obj))
 
 
 def check_parameters(namespace: dict, notebook: str) -> None:

@@ -23,6 +23,7 @@ from .evaluation import Embeddings, embed_cohort, evaluate, load_prompts, resolv
 from .evaluation.embeddings import default_device
 from .evaluation.zeroshot import prompts_from_diagnoses
 from .paths import project_root, resolve
+from .digests import file_sha256
 from .train.cache import build_feature_cache, feature_cache_key, image_files_digest
 from .train.checkpoint import load_model_weights, resolve_checkpoint
 from .train.config import TrainConfig, load_config, params_file
@@ -116,13 +117,15 @@ def run_checkpoint(run_dir: str | Path, checkpoint: str = "best") -> Path:
     return resolve_checkpoint(resolve(run_dir) / "checkpoints", checkpoint, log=print)
 
 
-def load_run_model(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device | None = None):
-    """The trained model of a run (its verified ``best`` checkpoint, see :func:`run_checkpoint`) and its config, on
-    ``device`` (default: the accelerator when one is present, else the CPU)."""
+def load_run_model(run_dir: str | Path, checkpoint: str | Path = "best", device: str | torch.device | None = None):
+    """The trained model of a run (its verified ``best`` checkpoint, see :func:`run_checkpoint`, or a checkpoint
+    folder that caller resolved with it) and its config, on ``device`` (default: the accelerator when one is present,
+    else the CPU)."""
     run = resolve(run_dir)
     cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
     model = build_run_model(cfg)
-    load_model_weights(model, run_checkpoint(run, checkpoint))
+    ckpt = checkpoint if isinstance(checkpoint, Path) else run_checkpoint(run, checkpoint)
+    load_model_weights(model, ckpt, verify=False)   # run_checkpoint has verified it
     return model.to(device if device is not None else default_device()).eval(), cfg
 
 
@@ -191,15 +194,6 @@ def _table_digest(df: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
-def _file_sha256(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
 def evaluation_key(ckpt: Path, cfg: TrainConfig, cohort, split, n_boot, topj, figures,
                    feature_key: str | None) -> dict:
     """Everything an evaluation's metrics depend on, each part small enough to say what changed.
@@ -226,7 +220,9 @@ def evaluation_key(ckpt: Path, cfg: TrainConfig, cohort, split, n_boot, topj, fi
         "split": split, "n_boot": int(n_boot), "topj": [int(j) for j in topj], "figures": bool(figures),
         "checkpoint": {"path": str(ckpt), "step": ckpt_meta.get("step"),
                        "frozen_digest": ckpt_meta.get("frozen_digest"),
-                       "sha256": _file_sha256(ckpt / "model.safetensors")},
+                       # verified against this recorded checksum when the checkpoint was resolved
+                       "sha256": (ckpt_meta.get("checksums") or {}).get("model.safetensors")
+                       or file_sha256(ckpt / "model.safetensors")},
         "config": cfg.to_dict(),
         "cohort": {"reports": _table_digest(reports), "images": _table_digest(images),
                    "labels": _digest(cohort.labels)},
@@ -280,7 +276,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", n_boot: int = 1000, t
     target = run / name
     metrics_path = target / "metrics.json"
     ckpt = run_checkpoint(run)
-    model, cfg = load_run_model(run)
+    model, cfg = load_run_model(run, ckpt)
     cohort = load_run_cohort(cfg)
     feature_key = feature_cache_key(model, cohort) if cfg.mode == "cache" else None
     key = evaluation_key(ckpt, cfg, cohort, split, n_boot, topj, figures, feature_key)

@@ -20,3 +20,17 @@ def tiny_cohort(tmp_path_factory) -> Path:
 def cohort_copy(tiny_cohort, tmp_path) -> Path:
     """A private copy of the tiny cohort that a test may damage."""
     return Path(shutil.copytree(tiny_cohort, tmp_path / "cohort"))
+
+
+@pytest.fixture(scope="session")
+def renal():
+    """The renal report labeler (its vocabulary compiled once per session)."""
+    from emclip.labels import Labeler
+    return Labeler("renal")
+
+
+@pytest.fixture(scope="session")
+def chexpert():
+    """The CheXpert-style chest X-ray report labeler."""
+    from emclip.labels import Labeler
+    return Labeler("chexpert")

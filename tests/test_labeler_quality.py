@@ -16,16 +16,6 @@ CHEXPERT, RENAL = DATA / "chexpert_cases.yaml", DATA / "renal_cases.yaml"
 MEAN = "mean (labels with support)"
 
 
-@pytest.fixture(scope="module")
-def chexpert():
-    return Labeler("chexpert")
-
-
-@pytest.fixture(scope="module")
-def renal():
-    return Labeler("renal")
-
-
 def test_case_files_split_into_disjoint_halves():
     for path in (CHEXPERT, RENAL):
         dev, held, every = (load_cases(path, p) for p in ("dev", "heldout", "all"))

@@ -35,16 +35,6 @@ LIMIT = 8 * 2.5  # allowed growth of work or time for 8 times the text; quadrati
 LABELS_DIR = str(Path(labeler_module.__file__).resolve().parent)
 
 
-@pytest.fixture(scope="module")
-def renal() -> Labeler:
-    return Labeler("renal")
-
-
-@pytest.fixture(scope="module")
-def chexpert() -> Labeler:
-    return Labeler("chexpert")
-
-
 def realistic(n_chars: int, cases: str = "renal_cases.yaml", one_sentence: bool = False) -> str:
     """Hand-written report texts one after another, cut to ``n_chars`` (with ``one_sentence``: no sentence ends)."""
     texts = [c["text"] for c in yaml.safe_load((CASES / cases).read_text(encoding="utf-8"))["cases"]]

@@ -12,16 +12,6 @@ from emclip.labels import Labeler, VocabError, agreement, load_vocab
 from emclip.labels.__main__ import main as labels_main
 
 
-@pytest.fixture(scope="module")
-def renal() -> Labeler:
-    return Labeler("renal")
-
-
-@pytest.fixture(scope="module")
-def chexpert() -> Labeler:
-    return Labeler("chexpert")
-
-
 def values(labeler: Labeler, text: str) -> dict:
     return labeler.label(text).values
 

@@ -59,9 +59,6 @@ class FeatureCache:
         return int(self.features.shape[1])
 
 
-_sha256 = file_sha256
-
-
 def _image_identity(h, cohort: Cohort) -> None:
     for path in cohort.images.path:   # one stat per image, no reading: the key must stay cheap at 600k images
         st = os.stat(path)
@@ -111,7 +108,7 @@ def check_cache(folder: Path, key: str, n_images: int) -> tuple[bool, str]:
             f = folder / name
             if not f.is_file() or f.stat().st_size != meta["bytes"][name]:
                 return False, f"{name} is missing or truncated"
-            if _sha256(f) != meta["sha256"][name]:
+            if file_sha256(f) != meta["sha256"][name]:
                 return False, f"{name} fails its checksum (corrupt)"
         dim = int(meta["dim"])
     except (KeyError, TypeError, ValueError) as err:
@@ -202,7 +199,7 @@ def _extract(model, cohort, folder, transform, rank, world, batch_size, num_work
                 "preprocess": model.preprocess, "policy": transform.policy, "intensity": intensity, "color": color,
                 "processes": world, "seconds": round(elapsed, 2), "images_per_second": round(n / max(elapsed, 1e-9), 2),
                 "bytes": {f.name: f.stat().st_size for f in (feat_path, zoom_path)},
-                "sha256": {f.name: _sha256(f) for f in (feat_path, zoom_path)}}
+                "sha256": {f.name: file_sha256(f) for f in (feat_path, zoom_path)}}
         write_text_atomic(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
         log(f"feature cache {folder}: {n} images x {dim} features in {elapsed:.1f} s "
             f"({meta['images_per_second']:.1f} images/s on rank 0's share)")

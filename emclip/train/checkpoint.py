@@ -57,9 +57,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-_sha256 = file_sha256
-
-
 def step_name(step: int) -> str:
     return f"step_{int(step):06d}"
 
@@ -123,7 +120,7 @@ def checkpoint_problem(ckpt: Path, files: tuple[str, ...] = CHECKSUMMED) -> str 
         if not path.is_file():
             return f"{name} is missing"
         if name in sums:
-            if _sha256(path) != sums[name]:
+            if file_sha256(path) != sums[name]:
                 return f"{name} checksum mismatch"
         elif name == "model.safetensors":
             try:
@@ -265,7 +262,7 @@ def save_checkpoint(ckpt_root: Path, model: torch.nn.Module, optimizer, schedule
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                    tmp / "state.pt")
         meta = dict(meta, frozen_digest=frozen_digest(model), frozen_keys=len(frozen),
-                    checksums={f: _sha256(tmp / f) for f in CHECKSUMMED})
+                    checksums={f: file_sha256(tmp / f) for f in CHECKSUMMED})
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")   # last: it vouches for the rest
         for f in tmp.iterdir():
             with open(f, "rb") as fh:

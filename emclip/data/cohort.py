@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..progress import bars_disabled
 from .diagnoses import LabelOptions, assign_diagnoses, read_labels_file, source_counts
 from .images import check_file, collect_image_warnings, probe_image, read_image
 from .splits import DEFAULT_FRACTIONS, SPLITS, assign_splits
@@ -255,7 +256,7 @@ def _check_image_files(images: pd.DataFrame, name: str, level: str, workers: int
         results = pool.map(probe, todo.path)
         for (idx, row), (message, file_id, digest, notes) in zip(
                 todo.iterrows(), tqdm(results, total=len(todo), desc=f"checking images ({level})", unit="img",
-                                      disable=not progress)):
+                                      disable=not progress or bars_disabled())):
             if message:
                 problems.append(Problem(name, int(row._row), message, row.patient_id))
                 images.loc[idx, "_bad"] = True

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..paths import write_text_atomic
+from ..progress import bars_disabled
 
 SOURCES = ("given", "labeler", "none")
 UNCERTAIN_POLICIES = ("exclude", "positive")
@@ -125,7 +126,7 @@ def label_texts(texts: list[str], vocab: str, cache_dir: str | Path | None = Non
     from tqdm.auto import tqdm
 
     results = [labeler.label(t) for t in tqdm(texts, desc=f"labelling reports ({labeler.vocab.name})",
-                                               unit="report", disable=not progress)]
+                                               unit="report", disable=not progress or bars_disabled())]
     table = pd.DataFrame({"primary": [r.primary for r in results], "value": [r.primary_value for r in results],
                           "where": [r.primary_source for r in results]})
     if cache is not None:

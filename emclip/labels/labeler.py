@@ -27,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..progress import bars_disabled
 from .text import Section, clause_bounds, split_sections, split_sentences
 from .vocab import Vocabulary, load_vocab
 
@@ -401,7 +402,7 @@ class Labeler:
             raise ValueError(f"uncertain must be one of {', '.join(UNCERTAIN_CODINGS)}, got {uncertain!r}")
         texts = reports[text_column].astype(str)
         results = [self.label(t) for t in tqdm(texts, desc=f"labelling reports ({self.vocab.name})", unit="report",
-                                               disable=not progress)]
+                                               disable=not progress or bars_disabled())]
         table = pd.DataFrame({c: reports[c].to_numpy() for c in keep if c in reports.columns})
         table["primary_diagnosis"] = pd.Series([r.primary for r in results], dtype="object")
         table["primary_value"] = pd.array([r.primary_value for r in results], dtype="Int64")

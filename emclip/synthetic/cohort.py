@@ -11,6 +11,7 @@ import tifffile
 from tqdm.auto import tqdm
 
 from ..data.splits import assign_splits
+from ..progress import bars_disabled
 from .render import render_field
 from .reports import write_report
 from .specs import DiseaseSpec, PatientScene, load_specs, sample_patient
@@ -84,7 +85,7 @@ def generate_cohort(out_dir: str | Path, n_patients: int = 500, seed: int = 0, i
     jobs = [(i, dx[i], seed, str(out), image_size) for i in range(n_patients)]
     workers = workers or min(os.cpu_count() or 1, 8)
     image_rows, report_rows = [], []
-    bar = tqdm(total=n_patients, desc="rendering patients", unit="patient", disable=not progress)
+    bar = tqdm(total=n_patients, desc="rendering patients", unit="patient", disable=not progress or bars_disabled())
     if workers == 1:
         results = map(_render_patient, jobs)
     else:

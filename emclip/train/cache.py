@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..digests import file_sha256
+from ..progress import bars_disabled
 from ..data import Cohort, ImageTransform, read_image
 from .checkpoint import write_text_atomic
 
@@ -184,7 +185,7 @@ def _extract(model, cohort, folder, transform, rank, world, batch_size, num_work
     model.eval()
     start = time.perf_counter()
     for images, zoom, idx in tqdm(loader, desc=f"feature cache [{rank}/{world}]", unit="batch",
-                                  disable=rank != 0):
+                                  disable=rank != 0 or bars_disabled()):
         out = model.encode_trunk(images.to(device)).float().cpu().numpy()
         feats[idx.numpy()] = out
         zooms[idx.numpy()] = zoom.numpy()

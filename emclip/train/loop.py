@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..data import BagDataset, ImageTransform, collate_bags
 from ..loss import ClipLoss, SigLipLoss
 from ..model import build_model
+from ..progress import bars_disabled
 from .cache import build_feature_cache
 from .checkpoint import (copy_as, find_checkpoint, latest_checkpoint, load_checkpoint, prepare_resume, save_checkpoint,
                          write_text_atomic)
@@ -276,9 +277,8 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, say, run: Path, ckpt_root
     writer = _TensorBoard(run) if is_main else None
     start = time.perf_counter()
     done = step >= total_steps or (cfg.max_steps is not None and step >= cfg.max_steps)
-    # only other ranks are disabled explicitly: an explicit disable= would override TQDM_DISABLE (reports set it)
     bar = tqdm(total=total_steps, initial=step, desc=f"train {run.name}", unit="step",
-               **({} if is_main else {"disable": True}))
+               disable=not is_main or bars_disabled())
 
     def checkpoint(epoch: int, batch_in_epoch: int, val_loss: float | None = None, is_best: bool = False):
         accelerator.wait_for_everyone()

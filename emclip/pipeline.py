@@ -6,7 +6,6 @@ Notebooks stay thin drivers: everything they compute is a call into this module 
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from pathlib import Path
@@ -15,7 +14,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 from .data import BagDataset, ImageTransform, collate_bags
@@ -26,7 +24,8 @@ from .paths import project_root, resolve
 from .digests import file_sha256
 from .train.cache import build_feature_cache, feature_cache_key, image_files_digest
 from .train.checkpoint import load_model_weights, resolve_checkpoint
-from .train.config import TrainConfig, load_config, params_file
+from .train.config import TrainConfig
+from .paramsets import DEFAULT_PARAMS, load_params, params_name, report_dir, train_config  # noqa: F401 - notebooks
 from .train.loop import build_run_model
 from .train.runinfo import load_run_cohort
 from .notebook_params import check_parameters  # noqa: F401 - notebooks call it through pipeline
@@ -35,35 +34,6 @@ from .summary import per_class_auc, pair_table, retrieval_table, zero_shot_table
 from .train.text_cache import CachedTextModel, TextFeatures
 
 NOTEBOOKS = ("01_data_audit", "02_features", "03_train", "04_ablations", "05_evaluation")
-DEFAULT_PARAMS = "demo"
-
-
-def params_name(params: str | None) -> str:
-    """The parameter set a notebook uses: its ``params`` argument, else $EMCLIP_PARAMS, else ``demo``."""
-    return params or os.environ.get("EMCLIP_PARAMS") or DEFAULT_PARAMS
-
-
-def load_params(params: str | None) -> dict:
-    """The whole parameter set (data, train, ablations, evaluation sections) as a dict."""
-    path = params_file(params_name(params))
-    if not path.is_file():
-        raise FileNotFoundError(f"parameter set {params_name(params)!r} not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    raw.setdefault("name", path.stem)
-    return raw
-
-
-def train_config(params: str | None, **given) -> TrainConfig:
-    """The parameter set's training configuration with every notebook parameter that is not None applied."""
-    return load_config(params_file(params_name(params)), {k: v for k, v in given.items() if v is not None})
-
-
-def report_dir(params: str | None, sub: str | None = None) -> Path:
-    """``reports/<parameter set name>[/sub]``, created."""
-    path = project_root() / "reports" / load_params(params)["name"]
-    path = path / sub if sub else path
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def read_log(run_dir: str | Path) -> pd.DataFrame:

@@ -9,7 +9,6 @@ KERNEL := $(VENV)/share/jupyter/kernels/emclip/kernel.json
 DATA ?= data/demo_cohort
 # spin-waiting OpenMP threads are up to 12x slower on a busy 2-core machine (benchmarks/bench_threads.py)
 export OMP_WAIT_POLICY ?= PASSIVE
-PATIENTS ?= 500
 
 .PHONY: help install test test-fast demo demo-unlabelled study cohort figures lab bench bench-smoke clean
 
@@ -50,7 +49,7 @@ test-fast: install
 	$(PY) -m pytest -m "not slow and not distributed"
 
 $(DATA)/reports.csv: | $(STAMP)
-	$(PY) -m emclip.synthetic --out $(DATA) --patients $(PATIENTS) --seed 0
+	$(PY) -m emclip.synthetic --out $(DATA) --seed 0
 
 cohort: $(DATA)/reports.csv
 
@@ -65,7 +64,7 @@ demo: install
 # the demo as a real archive would run it: no diagnosis column, labels from the report labeler
 demo-unlabelled: install
 	test -f data/demo_cohort_unlabelled/reports.csv || $(PY) -m emclip.synthetic --out data/demo_cohort_unlabelled \
-		--patients $(PATIENTS) --seed 0 --without-diagnosis
+		--seed 0 --without-diagnosis
 	$(PY) -m emclip.pipeline params/demo_unlabelled.yaml
 
 # the decisive scale study (docs/study.md): generates data/study_cohort on first use, resumes finished arms

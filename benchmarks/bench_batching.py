@@ -215,7 +215,8 @@ def run(n_patients: int = 128, batch_size: int = 32, epochs: int = 3, max_bag: i
     rows, ratios, notes, extra = [], [], [], {}
     for aggregator in aggregators:
         # architecture only: the trainable head starts from its ordinary random init, weights are irrelevant here
-        base = build(config, load_pretrained=False, lock_image=True, lock_text=True, aggregator=aggregator)
+        base = build(config, load_pretrained=False, lock_image=True, lock_text=True, aggregator=aggregator,
+                     scale_mode='add')  # the packed prototype covers add only
         feature_dim, tdim = base.num_features, text_width(base)
         fl = flops_per_instance(base)
         for cap in caps:

@@ -32,7 +32,7 @@ def test_packed_encoding_equals_encode_bags(aggregator, encoding):
     bench = _import_bench('bench_batching')
     from emclip.model import build_model
     torch.manual_seed(0)
-    model = build_model('tiny', aggregator=aggregator, scale_encoding=encoding)
+    model = build_model('tiny', aggregator=aggregator, scale_encoding=encoding, scale_mode='add')
     with torch.no_grad():  # non-zero scale weights, so that the folded scale term is really exercised
         for p in model.scale_embed.parameters():
             p.normal_()

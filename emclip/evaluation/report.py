@@ -28,6 +28,7 @@ from .probe import DEFAULT_CS, linear_probe
 from .retrieval import (
     image_image_retrieval, patient_report_retrieval, report_image_retrieval, summarize_retrieval)
 from .priors import mean_logprob_correction, ot_assignment, prompt_subsets, spread
+from .settings import DEFAULT_EVALUATION
 from .zeroshot import ensemble, resolve_prompts, softmax, text_embeddings, topj_pool, zero_shot_logits
 
 __all__ = ['evaluate', 'compare_runs', 'SCHEMA_VERSION', 'to_json_safe']
@@ -194,7 +195,8 @@ def _flatten_headline(metrics: dict) -> dict:
 
 def evaluate(embeddings: Embeddings | str | Path, encode_text: Callable[[list[str]], object] | None,
              logit_scale, out_dir: str | Path, classes=None, split: str | None = 'test',
-             ks: Sequence[int] = (1, 5, 10, 50), topj: Sequence[int] = (1, 5), n_boot: int = 1000, seed: int = 0,
+             ks: Sequence[int] = (1, 5, 10, 50), topj: Sequence[int] = DEFAULT_EVALUATION.topj,
+             n_boot: int = DEFAULT_EVALUATION.bootstrap, seed: int = 0,
              alpha: float = 0.05, probe: bool = True, probe_seeds: Sequence[int] = (0, 1, 2, 3, 4),
              probe_cs: Sequence[float] = DEFAULT_CS, probe_refit: str = 'train+val',
              max_image_queries: int | None = 10000, chunk_size: int | None = None, figures: bool = True,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 AGGREGATORS = ('mean', 'gated_attention', 'transformer')
+DEFAULT_AGGREGATOR = 'mean'
 
 
 def check_bags(mask: torch.Tensor):
@@ -128,7 +129,7 @@ class TransformerPool(nn.Module):
 
 def create_aggregator(dim: int, cfg: dict, name: str = None) -> nn.Module:
     """Build from a config section: ``{"name": ..., "<name>": {its kwargs}}``."""
-    name = name or cfg.get('name', 'mean')
+    name = name or cfg.get('name', DEFAULT_AGGREGATOR)
     kwargs = cfg.get(name, {})
     if name == 'mean':
         return MeanPool()

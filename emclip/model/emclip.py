@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loss import LOSS_INIT
-from .aggregators import check_bags, create_aggregator
+from .aggregators import DEFAULT_AGGREGATOR, check_bags, create_aggregator
 from .scale import ScaleConditioning
 from .towers import build_towers, load_model_config
 from .weights import load_checkpoint, state_digest
@@ -59,7 +59,7 @@ class EMClip(nn.Module):
         scale_cfg = self.config.get('scale', {})
         agg_cfg = self.config.get('aggregator', {})
         attention_dim = 0
-        if agg_cfg.get('name', 'mean') == 'gated_attention':
+        if agg_cfg.get('name', DEFAULT_AGGREGATOR) == 'gated_attention':
             attention_dim = agg_cfg.get('gated_attention', {}).get('hidden_dim', 128)
         # Built last and on a forked RNG, so that creating it leaves every other initialisation unchanged: a
         # scale-aware and a scale-blind model from one seed differ only in the scale embedding.

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 SCALE_ENCODINGS = ('sincos', 'fourier', 'binned')
+DEFAULT_SCALE_ENCODING = 'sincos'
 
 
 class LogScaleNorm(nn.Module):
@@ -111,12 +112,14 @@ class ScaleEmbed(nn.Module):
 def create_scale_embed(feature_dim: int, cfg: dict, encoding: str = None) -> ScaleEmbed:
     """Build from a config section: ``{"encoding": ..., "range_nm": [...], "<encoding>": {its kwargs}}``; the
     embedding has ``feature_dim`` outputs."""
-    encoding = encoding or cfg.get('encoding', 'sincos')
+    encoding = encoding or cfg.get('encoding', DEFAULT_SCALE_ENCODING)
     return ScaleEmbed(feature_dim, encoding=encoding, range_nm=cfg.get('range_nm', (2.0, 100.0)),
                       **cfg.get(encoding, {}))
 
 
 SCALE_MODES = ('add', 'film', 'mlp', 'trunk')
+# mlp (with mean pooling) was chosen on validation by the scale study (docs/study.md)
+DEFAULT_SCALE_MODE = 'mlp'
 
 
 class ScaleConditioning(nn.Module):
@@ -141,7 +144,7 @@ class ScaleConditioning(nn.Module):
     def __init__(self, feature_dim: int, cfg: Optional[dict] = None, aware: bool = True, attention_dim: int = 0):
         super().__init__()
         cfg = dict(cfg or {})
-        self.mode = cfg.get('mode', 'add')
+        self.mode = cfg.get('mode', DEFAULT_SCALE_MODE)
         if self.mode not in SCALE_MODES:
             raise ValueError(f'Unknown scale mode {self.mode!r}; choose one of {SCALE_MODES}')
         self.aware, self.feature_dim = bool(aware), feature_dim

@@ -46,8 +46,26 @@ def load_model_config(spec: Union[str, Path, dict]) -> dict:
             raise FileNotFoundError(f'Model config file not found: {spec}')
     if path.is_file():
         with open(path) as f:
-            return json.load(f)
+            cfg = json.load(f)
+        _refuse_training_choices(cfg, path)
+        return cfg
     return {'open_clip': {'model_name': spec, 'pretrained': None}}
+
+
+# A model JSON describes the architecture (towers, weights, head sizes); what a run chooses comes from its parameters
+# (emclip.train.config.TrainConfig), so that no file silently overrides another.
+TRAINING_CHOICES = {'loss': 'loss', 'lock_image': 'mode (cache locks the trunk)', 'lock_text': 'lock_text',
+                    'scale.enabled': 'scale_embed', 'scale.mode': 'scale_mode', 'scale.encoding': 'scale_encoding',
+                    'scale.attention': 'scale_attention', 'aggregator.name': 'aggregator'}
+
+
+def _refuse_training_choices(cfg: dict, path: Path) -> None:
+    found = [key for key in TRAINING_CHOICES
+             if (key in cfg if '.' not in key else key.split('.')[1] in (cfg.get(key.split('.')[0]) or {}))]
+    if found:
+        raise ValueError(f'model config {path} sets training choice(s) {", ".join(found)}: a model JSON holds the '
+                         f'architecture only; set ' + ', '.join(f'{TRAINING_CHOICES[k]}' for k in found)
+                         + ' in the parameter set (train: section) or as key=value, and remove them from the JSON')
 
 
 class TextTower(nn.Module):

@@ -5,13 +5,14 @@ import argparse
 import sys
 import time
 
-from .cohort import generate_cohort
+from .cohort import DEMO_PATIENTS, generate_cohort
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m emclip.synthetic", description=__doc__.split(":", 1)[1].strip())
     parser.add_argument("--out", required=True, help="output folder (created; existing files are overwritten)")
-    parser.add_argument("--patients", type=int, default=500, help="number of patients (default 500)")
+    parser.add_argument("--patients", type=int, default=DEMO_PATIENTS,
+                        help=f"number of patients (default {DEMO_PATIENTS}, the embedded demo cohort)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed gives a byte-identical cohort")
     parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")

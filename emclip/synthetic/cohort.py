@@ -16,6 +16,8 @@ from .render import render_field
 from .reports import write_report
 from .specs import DiseaseSpec, PatientScene, load_specs, sample_patient
 
+DEMO_PATIENTS = 500   # the embedded cohort of `make demo` (params/demo.yaml takes it from here)
+
 SCALE_RANGE_NM = (2.0, 100.0)
 MAX_IMAGES = 40
 CAMERA_PIXEL_NM = 60_000.0      # detector pixel pitch: magnification = pitch / nm_per_pixel (2 nm/px -> 30,000x)
@@ -60,7 +62,7 @@ def _render_patient(args) -> tuple[list[dict], dict]:
     return rows, report
 
 
-def generate_cohort(out_dir: str | Path, n_patients: int = 500, seed: int = 0, image_size: int = 256,
+def generate_cohort(out_dir: str | Path, n_patients: int = DEMO_PATIENTS, seed: int = 0, image_size: int = 256,
                     workers: int | None = None, progress: bool = True, with_diagnosis: bool = True) -> Path:
     """Generate ``n_patients`` patients with balanced diagnoses into ``out_dir``; same seed, same bytes.
 

@@ -9,13 +9,15 @@ from pathlib import Path
 import yaml
 
 from ..data.diagnoses import UNCERTAIN_POLICIES, LabelOptions
+from ..loss import LOSS_INIT
+from ..model.aggregators import AGGREGATORS, DEFAULT_AGGREGATOR
+from ..model.scale import DEFAULT_SCALE_ENCODING, DEFAULT_SCALE_MODE, SCALE_ENCODINGS, SCALE_MODES
 from ..paths import project_root, resolve, write_text_atomic
+from ..synthetic.cohort import DEMO_PATIENTS
 
 MODES = ("cache", "e2e")
 PRECISIONS = ("no", "bf16", "fp16")
-AGGREGATORS = ("mean", "gated_attention", "transformer")
-SCALE_ENCODINGS = ("sincos", "fourier", "binned")
-SCALE_MODES = ("add", "film", "mlp", "trunk")
+LOSSES = tuple(LOSS_INIT)
 SELECT_ON = ("val_recall", "val_loss")
 
 
@@ -25,7 +27,7 @@ class TrainConfig:
     data_dir: str = "data/demo_cohort"       # cohort folder; relative paths resolve against the project root
     generate_cohort: bool = True             # a missing data_dir may be generated as the embedded cohort; off as soon
     #                                          as data_dir is given explicitly (a path the user names is never written)
-    generate_patients: int = 500             # size of a generated cohort
+    generate_patients: int = DEMO_PATIENTS   # size of a generated cohort
     generate_image_size: int = 256           # image side (px) of a generated cohort
     data_seed: int = 0                       # seed of the generated cohort and of seeded splits
     label_vocab: str | None = "renal"        # report labeler vocabulary for patients without a given diagnosis
@@ -35,13 +37,25 @@ class TrainConfig:
     # model
     model: str = "efficientnet_lite0_minilm"  # name of emclip/configs/models/*.json, or a path to a JSON config
     scale_embed: bool = True                 # False: the scale-blind baseline, everything else equal
-    scale_encoding: str = "sincos"
-    scale_mode: str = "mlp"                  # where the scale enters: add | film | mlp | trunk (ViT, e2e only);
-    #                                          mlp + mean pooling was chosen on validation by the study (docs/study.md)
+    scale_encoding: str = DEFAULT_SCALE_ENCODING  # sincos | fourier | binned
+    scale_mode: str = DEFAULT_SCALE_MODE     # where the scale enters: add | film | mlp | trunk (ViT, e2e only)
     scale_attention: bool = False            # also condition the gated-attention scorer on the scale
-    aggregator: str = "mean"
+    aggregator: str = DEFAULT_AGGREGATOR     # mean | gated_attention | transformer
     loss: str = "clip"                       # "clip" (InfoNCE) or "siglip"
     lock_text: bool = True                   # freeze the text transformer; its projection still trains
+    # head sizes: None keeps the model config's value (its JSON holds the architecture, these resize it for a run)
+    scale_range_nm: list | None = None       # [low, high] nm/px the scale encodings span
+    scale_dim: int | None = None             # width of the sincos / fourier scale encoding
+    scale_max_freq: float | None = None      # sincos: highest frequency
+    scale_sigma: float | None = None         # fourier: std of the random frequencies
+    scale_bins: int | None = None            # binned: number of log-scale bins
+    scale_hidden_dim: int | None = None      # mlp mode: hidden width of the per-image MLP
+    attention_hidden_dim: int | None = None  # gated attention: hidden width of the scorer
+    attention_dropout: float | None = None
+    transformer_layers: int | None = None    # transformer aggregator
+    transformer_heads: int | None = None
+    transformer_mlp_ratio: float | None = None
+    transformer_dropout: float | None = None
     # training
     mode: str = "cache"                      # "cache": frozen trunk + feature cache; "e2e": trunk trains too
     epochs: int = 30
@@ -66,17 +80,30 @@ class TrainConfig:
 
     def __post_init__(self):
         problems = _coerce_types(self)
+        if problems:   # the checks below compare values, which needs them typed
+            raise ValueError("invalid training configuration: " + "; ".join(problems))
         for name in ("label_vocab", "labels_file"):  # papermill and YAML spell "no value" many ways
             if isinstance(getattr(self, name), str) and getattr(self, name).strip().lower() in ("none", "null", ""):
                 setattr(self, name, None)
         for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("aggregator", AGGREGATORS),
-                              ("scale_encoding", SCALE_ENCODINGS), ("scale_mode", SCALE_MODES), ("loss", ("clip", "siglip")),
+                              ("scale_encoding", SCALE_ENCODINGS), ("scale_mode", SCALE_MODES), ("loss", LOSSES),
                               ("select_on", SELECT_ON), ("label_uncertain", UNCERTAIN_POLICIES)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name in ("epochs", "batch_size", "accum_freq", "num_processes", "checkpoint_every", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("scale_dim", "scale_bins", "scale_hidden_dim", "attention_hidden_dim", "transformer_layers",
+                     "transformer_heads"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be >= 1 or null, got {getattr(self, name)}")
+        for name in ("attention_dropout", "transformer_dropout"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 1:
+                problems.append(f"{name} must be in [0, 1) or null, got {getattr(self, name)}")
+        if self.scale_range_nm is not None and not (
+                isinstance(self.scale_range_nm, (list, tuple)) and len(self.scale_range_nm) == 2
+                and 0 < float(self.scale_range_nm[0]) < float(self.scale_range_nm[1])):
+            problems.append(f"scale_range_nm must be [low, high] with 0 < low < high, got {self.scale_range_nm}")
         if self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if self.max_instances is not None and self.max_instances < 1:
@@ -108,11 +135,30 @@ class TrainConfig:
         return LabelOptions(self.label_vocab, resolve(self.labels_file) if self.labels_file else None,
                             self.label_uncertain, self.cache_path)
 
+    def model_overrides(self) -> dict:
+        """What this run sets in the model config: its choices, and the head sizes it gives (``None`` keeps the
+        JSON's)."""
+        scale = {"enabled": self.scale_embed, "mode": self.scale_mode, "encoding": self.scale_encoding,
+                 "attention": self.scale_attention, "range_nm": self.scale_range_nm,
+                 "sincos": {"dim": self.scale_dim, "max_freq": self.scale_max_freq},
+                 "fourier": {"dim": self.scale_dim, "sigma": self.scale_sigma},
+                 "binned": {"bins": self.scale_bins}, "mlp": {"hidden_dim": self.scale_hidden_dim}}
+        aggregator = {"name": self.aggregator,
+                      "gated_attention": {"hidden_dim": self.attention_hidden_dim, "dropout": self.attention_dropout},
+                      "transformer": {"layers": self.transformer_layers, "heads": self.transformer_heads,
+                                      "mlp_ratio": self.transformer_mlp_ratio, "dropout": self.transformer_dropout}}
+        return _without_none({"scale": scale, "aggregator": aggregator, "loss": self.loss,
+                              "lock_image": self.mode == "cache", "lock_text": self.lock_text})
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _without_none(d: dict) -> dict:
+    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
 
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
@@ -140,6 +186,11 @@ def _coerce_types(cfg: "TrainConfig") -> list[str]:
                 setattr(cfg, f.name, int(text))
             elif kind.startswith("float"):
                 setattr(cfg, f.name, float(text))
+            elif kind.startswith("list"):
+                parsed = yaml.safe_load(value)
+                if not isinstance(parsed, list):
+                    raise ValueError
+                setattr(cfg, f.name, parsed)
         except ValueError:
             problems.append(f"{f.name}={value!r} is not a valid {kind}")
     return problems

@@ -70,9 +70,7 @@ def build_run_model(cfg: TrainConfig):
     """The model a run trains, initialised from ``cfg.seed`` (so a random trunk is the same in every process and in
     the feature cache's key)."""
     set_seed(cfg.seed)
-    return build_model(cfg.model, scale_embed=cfg.scale_embed, scale_encoding=cfg.scale_encoding,
-                       scale_mode=cfg.scale_mode, scale_attention=cfg.scale_attention, aggregator=cfg.aggregator,
-                       loss=cfg.loss, lock_image=cfg.mode == "cache", lock_text=cfg.lock_text)
+    return build_model(cfg.model, **cfg.model_overrides())
 
 
 def cosine_with_warmup(warmup: int, total: int):

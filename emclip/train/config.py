@@ -118,17 +118,9 @@ class TrainConfig:
             raise ValueError("invalid training configuration: " + "; ".join(problems))
 
     # paths, resolved against the project root so notebooks work from any working directory
-    @property
-    def data_path(self) -> Path:
-        return resolve(self.data_dir)
-
-    @property
-    def run_path(self) -> Path:
-        return resolve(self.run_dir)
-
-    @property
-    def cache_path(self) -> Path:
-        return resolve(self.cache_dir)
+    data_path = property(lambda self: resolve(self.data_dir), doc="data_dir as an absolute path")
+    run_path = property(lambda self: resolve(self.run_dir), doc="run_dir as an absolute path")
+    cache_path = property(lambda self: resolve(self.cache_dir), doc="cache_dir as an absolute path")
 
     def label_options(self) -> LabelOptions:
         """How the cohort derives missing diagnoses from reports (cached beside the feature cache)."""

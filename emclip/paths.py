@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,3 +54,39 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """``write_text_atomic`` for bytes."""
     with atomic_writer(path, "wb") as fh:
         fh.write(data)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_directory(path: str | Path):
+    """A temporary folder next to ``path`` to fill; when the block ends its files are fsynced and it takes the place
+    of ``path``. A folder already there is renamed aside first and deleted after (folders cannot be swapped in one
+    rename), so a kill leaves the old folder, the new one, or ``.NAME.*`` leftovers, never a half-written ``path``.
+    On an exception the temporary folder is removed and ``path`` is left as it was."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():
+            trash = path.with_name(f".{path.name}.old")
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(path, trash)
+            os.replace(tmp, path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

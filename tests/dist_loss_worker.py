@@ -4,7 +4,8 @@ Every rank builds the same small model (a linear layer per modality + learnable 
 SigLIP) and the same global batch, takes its slice, computes emclip's loss under DDP (gloo) and backpropagates.
 It then computes the single-process reference on the whole batch with open_clip's loss, and writes the largest
 differences of loss and of every parameter's gradient to OUT_DIR/rank{r}.json. The same run with a gather that
-drops the gradient (what ``accelerator.gather`` does) is recorded too, to show the comparison can fail.
+drops the gradient (what ``accelerator.gather`` does: patched in for torch.distributed.nn.all_gather, which
+open_clip's losses call) is recorded too, to show the comparison can fail.
 """
 import copy
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss as OpenClipLoss
 from open_clip.loss import SigLipLoss as OpenSigLipLoss
@@ -42,14 +44,14 @@ def no_grad_gather(x):
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.detach().contiguous())
     parts[dist.get_rank()] = x  # own rows keep their gradient, as in open_clip without gather_with_grad
-    return torch.cat(parts)
+    return parts
 
 
 def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def run(kind: str, rank: int, world: int, broken: bool = False):
+def run(kind: str, loss_fn, rank: int, world: int, broken: bool = False):
     siglip = kind == 'siglip'
     torch.manual_seed(0)
     reference = TwoTower(siglip).double()
@@ -69,15 +71,14 @@ def run(kind: str, rank: int, world: int, broken: bool = False):
     model.zero_grad()
     rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
     img, txt = model(x_image[rows], x_text[rows])
-    loss_fn = emloss.SigLipLoss() if siglip else emloss.ClipLoss()
     extra = (model.module.logit_bias,) if siglip else ()
-    saved = emloss.gather_with_grad
+    saved = torch.distributed.nn.all_gather
     if broken:
-        emloss.gather_with_grad = no_grad_gather
+        torch.distributed.nn.all_gather = no_grad_gather
     try:
         loss = loss_fn(img, txt, model.module.logit_scale.exp(), *extra)
     finally:
-        emloss.gather_with_grad = saved
+        torch.distributed.nn.all_gather = saved
     loss.backward()  # DDP averages the gradients over ranks here
     global_loss = loss.detach().clone()
     dist.all_reduce(global_loss)
@@ -91,12 +92,14 @@ def run(kind: str, rank: int, world: int, broken: bool = False):
 
 
 def main(out_dir: str):
+    # built before the process group exists, as the trainer may: emclip's losses read rank and world size per call
+    losses = {'clip': emloss.ClipLoss(), 'siglip': emloss.SigLipLoss()}
     dist.init_process_group('gloo')
     rank, world = dist.get_rank(), dist.get_world_size()
     result = dict(world_size=world)
     for kind in ('clip', 'siglip'):
-        result[kind] = run(kind, rank, world)
-        result[kind + '_no_grad_gather'] = run(kind, rank, world, broken=True)
+        result[kind] = run(kind, losses[kind], rank, world)
+        result[kind + '_no_grad_gather'] = run(kind, losses[kind], rank, world, broken=True)
     Path(out_dir, f'rank{rank}.json').write_text(json.dumps(result, indent=1))
     dist.destroy_process_group()
 

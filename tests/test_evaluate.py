@@ -354,3 +354,25 @@ def test_pair_table_rounds_and_tolerates_undefined_values():
     table = pipeline.pair_table(metrics)
     assert table.loc['a vs b', 'within-pair accuracy'] == 0.123 and np.isnan(table.loc['a vs b', 'ROC-AUC'])
     assert table.loc['a vs b', 'ROC-AUC 95% CI'] == ''
+
+
+# ------------------------------------------------------------------------------------------------ library equivalents
+def test_softmax_and_log_softmax_equal_the_hand_formulas():
+    from emclip.evaluation.priors import log_softmax
+    from emclip.evaluation.zeroshot import softmax
+    logits = np.random.default_rng(0).normal(scale=30, size=(6, 4))
+    z = logits - logits.max(axis=1, keepdims=True)
+    np.testing.assert_allclose(softmax(logits), np.exp(z) / np.exp(z).sum(1, keepdims=True), rtol=1e-13, atol=0)
+    np.testing.assert_allclose(log_softmax(logits), z - np.log(np.exp(z).sum(1, keepdims=True)), rtol=1e-13, atol=1e-13)
+    assert softmax(logits.astype(np.float32)).dtype == np.float32   # float32 logits stay float32
+
+
+def test_probe_log_loss_equals_the_old_clipped_mean():
+    from emclip.evaluation.probe import _log_loss
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(4), size=9)
+    p[:, 3] = 0.0                          # a class the training part lacked: its column is zero
+    p /= p.sum(1, keepdims=True)
+    y = np.array([0, 1, 1, 0, 3, 1, 0, 1, 3])  # class 2 absent from these labels, class 3 scored at probability 0
+    old = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-15, 1.0))))
+    assert _log_loss(y, p) == pytest.approx(old, rel=1e-14, abs=0)

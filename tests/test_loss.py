@@ -59,6 +59,10 @@ def test_siglip_loss_equals_open_clip():
 
 def test_create_loss():
     assert isinstance(create_loss('clip'), ClipLoss) and isinstance(create_loss('siglip'), SigLipLoss)
+    # open_clip's own classes, configured for the exact distributed recipe
+    clip = create_loss('clip')
+    assert isinstance(clip, OpenClipLoss) and clip.local_loss and clip.gather_with_grad
+    assert isinstance(create_loss('siglip'), OpenSigLipLoss)
     with pytest.raises(ValueError):
         create_loss('triplet')
 

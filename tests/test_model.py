@@ -4,8 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from emclip.model import AGGREGATORS, SCALE_ENCODINGS, BagEmbeddings, build_model, create_aggregator
+from emclip.model.aggregators import MaskedSelfAttention
 from emclip.model.scale import ScaleEmbed
 
 SIZES = [5, 2, 1, 3]  # bag sizes in one padded batch, K = 5
@@ -57,6 +59,54 @@ def test_empty_bag_raises_naming_rows(name):
     mask[3] = False
     with pytest.raises(ValueError, match=r'\[1, 3\]'):
         agg(x, mask)
+
+
+def _old_attention(x, key_mask, w, heads):
+    """The hand-written attention MaskedSelfAttention was before it became torch's, on its old-layout weights."""
+    b, n, d = x.shape
+    q, k, v = F.linear(x, w['qkv.weight'], w['qkv.bias']).view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-2, -1) / math.sqrt(d // heads)).masked_fill(~key_mask[:, None, None, :], -math.inf)
+    attn = scores.softmax(-1)
+    out = (attn @ v).transpose(1, 2).reshape(b, n, d)
+    return F.linear(out, w['proj.weight'], w['proj.bias']), attn.mean(1)
+
+
+def _to_old_layout(state):
+    new_to_old = {new: old for old, new in MaskedSelfAttention.OLD_KEYS.items()}
+    out = {}
+    for key, value in state.items():
+        head, _, tail = key.rpartition('.attn.')
+        ours = head.startswith('aggregator.') and tail in new_to_old   # the text tower's attention is open_clip's
+        out[f'{head}.attn.{new_to_old[tail]}' if ours else key] = value.clone()
+    return out
+
+
+def test_masked_self_attention_equals_old_formulation():
+    g = torch.Generator().manual_seed(0)
+    old = {'qkv.weight': torch.randn(24, 8, generator=g), 'qkv.bias': torch.randn(24, generator=g),
+           'proj.weight': torch.randn(8, 8, generator=g), 'proj.bias': torch.randn(8, generator=g)}
+    old = {k: v.double() for k, v in old.items()}
+    attn = MaskedSelfAttention(8, heads=2).double().eval()
+    attn.load_state_dict(old)                             # strict: every old key is mapped, none left over
+    x, mask = _padded_bags()
+    out, weights = attn(x, mask)
+    want, want_weights = _old_attention(x, mask, old, heads=2)
+    torch.testing.assert_close(out[mask], want[mask], rtol=0, atol=1e-12)   # padded queries are never read
+    torch.testing.assert_close(weights[mask], want_weights[mask], rtol=0, atol=1e-12)
+
+
+def test_transformer_checkpoint_in_old_layout_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    from emclip.train.checkpoint import _frozen_keys, load_model_weights
+    trained = _tiny(seed=0, aggregator='transformer').eval()
+    old = _to_old_layout({k: v for k, v in trained.state_dict().items() if k not in _frozen_keys(trained)})
+    assert any('.attn.qkv.weight' in k for k in old) and not any('aggregator' in k and 'in_proj' in k for k in old)
+    save_file(old, str(tmp_path / 'model.safetensors'))
+    fresh = _tiny(seed=1, aggregator='transformer').eval()
+    load_model_weights(fresh, tmp_path, verify=False)
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0)
 
 
 def _tiny(seed=0, model='tiny', **kwargs):

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -288,3 +289,26 @@ def test_checkpoints_without_checksums_still_load_and_unreadable_ones_name_the_f
     (legacy / "meta.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"meta.json cannot be parsed"):
         load_model_weights(model, legacy)
+
+
+# ------------------------------------------------------------------------------------------- TensorBoard (accelerate)
+
+def test_scalars_land_in_run_dir_tensorboard_when_installed(tiny_cohort, cache, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / "run"
+    train(_cfg(tiny_cohort, run, cache, epochs=1))
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert {"loss", "lr", "logit_scale", "val_loss", "val_recall"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+
+
+def test_training_without_tensorboard_keeps_the_csv_log(tiny_cohort, cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "is_tensorboard_available", lambda: False)   # as if not installed
+    run = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(_cfg(tiny_cohort, run, cache, epochs=1))
+    assert not [w for w in caught if "log_with" in str(w.message)]   # accelerate's warning when asked for a missing one
+    assert not (run / "tensorboard").exists()
+    assert [r[0] for r in _log_rows(run)] == ["step", "1", "2", "3", "3"]

@@ -16,6 +16,7 @@ each subset embeds one random (synonym, template) text per class.
 from __future__ import annotations
 
 import numpy as np
+import scipy.special
 
 from .zeroshot import PromptSet
 
@@ -23,9 +24,8 @@ __all__ = ['log_softmax', 'mean_logprob_correction', 'ot_assignment', 'prompt_su
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    """Log-probabilities over the classes (axis 1), in float64."""
+    return scipy.special.log_softmax(np.asarray(logits, dtype=np.float64), axis=1)
 
 
 def mean_logprob_correction(logits: np.ndarray) -> np.ndarray:

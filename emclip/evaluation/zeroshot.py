@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+import scipy.special
 import torch
 import yaml
 
@@ -136,9 +137,8 @@ def zero_shot_logits(embeddings: np.ndarray, class_emb: np.ndarray, scale: float
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    """Probabilities over the classes (axis 1) of [N, C] logits."""
+    return scipy.special.softmax(logits, axis=1)
 
 
 def topj_pool(image_scores: np.ndarray, image_patient: np.ndarray, n_patients: int, j: int) -> np.ndarray:

@@ -7,8 +7,6 @@ Bags of different sizes share one batch: padding never enters a sum and masked s
 softmax, so a padded + masked bag gives exactly the result of the bag alone. ABMIL, CLAM and TransMIL sidestep
 this by training with batch size 1; contrastive learning needs many bags per step, hence the masks.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,25 +61,30 @@ class GatedAttentionPool(nn.Module):
         return torch.einsum('bk,bkd->bd', weights, x), weights
 
 
-class MaskedSelfAttention(nn.Module):
-    """Multi-head self-attention whose keys skip padding; also returns the head-averaged attention matrix."""
+class MaskedSelfAttention(nn.MultiheadAttention):
+    """torch's multi-head self-attention with the padding keys masked; returns (output, head-averaged attention).
+
+    Runs written when this was a hand-made module (an ``qkv`` and a ``proj`` linear, in torch's row layout: q, k, v
+    stacked, heads contiguous) load through :meth:`_load_from_state_dict`, which renames their keys. Two things
+    differ from that module: a fresh one starts from torch's initialisation (xavier, zero biases), and with attention
+    dropout in training the returned weights are the dropped-out ones (every shipped config has dropout 0)."""
+
+    OLD_KEYS = {'qkv.weight': 'in_proj_weight', 'qkv.bias': 'in_proj_bias',
+                'proj.weight': 'out_proj.weight', 'proj.bias': 'out_proj.bias'}
 
     def __init__(self, dim: int, heads: int = 4, dropout: float = 0.0):
-        super().__init__()
         if dim % heads:
             raise ValueError(f'dim {dim} is not divisible by heads {heads}')
-        self.heads, self.head_dim = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(dropout)
+        super().__init__(dim, heads, dropout=dropout, batch_first=True)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor):
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # [B, H, N, N]
-        attn = masked_softmax(scores, key_mask[:, None, None, :])
-        out = (self.drop(attn) @ v).transpose(1, 2).reshape(b, n, d)
-        return self.proj(out), attn.mean(dim=1)
+        return super().forward(x, x, x, key_padding_mask=~key_mask, need_weights=True, average_attn_weights=True)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for old, new in self.OLD_KEYS.items():
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class Block(nn.Module):

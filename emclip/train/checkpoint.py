@@ -29,7 +29,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..digests import file_sha256, tensors_digest
-from ..paths import write_text_atomic  # noqa: F401 - re-exported: the training modules write through it
+from ..paths import atomic_directory, write_text_atomic  # noqa: F401 - re-exported: the training modules write through it
 
 CHECKSUMMED = ("model.safetensors", "state.pt")
 _STEP = re.compile(r"step_\d+")
@@ -47,14 +46,6 @@ _STEP = re.compile(r"step_\d+")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is damaged (checksum mismatch, truncated, unreadable) or missing where one is required."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def step_name(step: int) -> str:
@@ -254,8 +245,8 @@ def save_checkpoint(ckpt_root: Path, model: torch.nn.Module, optimizer, schedule
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = step_name(meta["step"])
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_root))
-    try:
+    final = ckpt_root / name
+    with atomic_directory(final) as tmp:
         frozen = _frozen_keys(model)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in frozen}
         save_file(state, str(tmp / "model.safetensors"))
@@ -264,17 +255,6 @@ def save_checkpoint(ckpt_root: Path, model: torch.nn.Module, optimizer, schedule
         meta = dict(meta, frozen_digest=frozen_digest(model), frozen_keys=len(frozen),
                     checksums={f: file_sha256(tmp / f) for f in CHECKSUMMED})
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")   # last: it vouches for the rest
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        final = ckpt_root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     write_text_atomic(ckpt_root / "latest", name + "\n")
     _prune(ckpt_root, keep, meta.get("best_step"))
     return final
@@ -282,22 +262,11 @@ def save_checkpoint(ckpt_root: Path, model: torch.nn.Module, optimizer, schedule
 
 def copy_as(ckpt_root: Path, source: Path, alias: str) -> Path:
     """Atomically replace ``ckpt_root/alias`` (e.g. ``best``) with a copy of a step checkpoint."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.", dir=ckpt_root))
-    for f in Path(source).iterdir():
-        shutil.copy2(f, tmp / f.name)
-        with open(tmp / f.name, "rb") as fh:
-            os.fsync(fh.fileno())
-    old = ckpt_root / alias
-    if old.exists():
-        trash = ckpt_root / f".{alias}.old"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(old, trash)
-        os.replace(tmp, old)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, old)
-    _fsync_dir(ckpt_root)
-    return old
+    target = Path(ckpt_root) / alias
+    with atomic_directory(target) as tmp:
+        for f in Path(source).iterdir():
+            shutil.copy2(f, tmp / f.name)
+    return target
 
 
 def _best_held(ckpt_root: Path) -> int | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, is_tensorboard_available, set_seed
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
@@ -74,6 +74,11 @@ def build_run_model(cfg: TrainConfig):
 
 
 def cosine_with_warmup(warmup: int, total: int):
+    """LambdaLR factor: linear warmup (step + 1) / warmup, then cosine to 0 at ``total`` (open_clip_train's cosine_lr).
+
+    Kept by hand: transformers' get_cosine_schedule_with_warmup warms up from 0 (step / warmup: the first step
+    would not train) and rises again past ``total``; torch's SequentialLR(LinearLR, CosineAnnealingLR) gives the same
+    values but another scheduler state, so every saved checkpoint (LambdaLR state) would need converting."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(warmup, 1)
@@ -193,9 +198,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
     fails at once), checks that a run already there was trained with a compatible configuration
     (``runinfo.check_resume``), and picks the newest intact checkpoint to resume from (damaged ones are set aside,
     saying so; ``best/`` is re-created when a kill left it behind)."""
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.precision)
-    say = log if accelerator.is_main_process else (lambda *_: None)
     run = cfg.run_path
+    # accelerate's TensorBoard tracker writes run/tensorboard when tensorboard is installed (asked for without it,
+    # accelerate warns on every run); the CSV log always exists
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.precision, project_dir=str(run),
+                              log_with="tensorboard" if is_tensorboard_available() else None)
+    say = log if accelerator.is_main_process else (lambda *_: None)
     ckpt_root = run / "checkpoints"
     with contextlib.ExitStack() as held:
         def claim_run_dir() -> str | None:
@@ -272,7 +280,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, say, run: Path, ckpt_root
                 csv.writer(fh).writerow(fields)
         else:
             _truncate_log(log_path, fields, step)
-    writer = _TensorBoard(run) if is_main else None
+    accelerator.init_trackers("tensorboard")
     start = time.perf_counter()
     done = step >= total_steps or (cfg.max_steps is not None and step >= cfg.max_steps)
     bar = tqdm(total=total_steps, initial=step, desc=f"train {run.name}", unit="step",
@@ -321,7 +329,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, say, run: Path, ckpt_root
                            round(float(trainer.raw.logit_scale.detach().exp()), 4), "", "",
                            round(time.perf_counter() - start, 2)]
                     _append(log_path, row)
-                    writer.scalars(step, loss=loss, lr=row[3], logit_scale=row[4])
+                    accelerator.log({"loss": loss, "lr": row[3], "logit_scale": row[4]}, step=step)
                     postfix["loss"] = f"{loss:.3f}"
                     bar.set_postfix(postfix)
                 if cfg.max_steps is not None and step >= cfg.max_steps:
@@ -339,7 +347,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, say, run: Path, ckpt_root
             if is_main:
                 _append(log_path, [step, epoch, "", "", "", round(val_loss, 6), round(val_recall, 6),
                                    round(time.perf_counter() - start, 2)])
-                writer.scalars(step, val_loss=val_loss, val_recall=val_recall)
+                accelerator.log({"val_loss": val_loss, "val_recall": val_recall}, step=step)
                 postfix.update(epoch=f"{epoch + 1}/{cfg.epochs}", val_loss=f"{val_loss:.4f}",
                                val_recall=f"{val_recall:.3f}" + ("*" if improved else ""))
                 bar.set_postfix(postfix)   # per-epoch values live in the bar; a log line only where no bar shows
@@ -364,7 +372,6 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, say, run: Path, ckpt_root
                "processes": accelerator.num_processes}
     if is_main:
         write_text_atomic(run / "train_summary.json", json.dumps(summary, indent=2) + "\n")
-        writer.close()
     accelerator.end_training()
     return summary
 
@@ -385,23 +392,3 @@ def _truncate_log(path: Path, fields: list[str], step: int) -> None:
     out = io.StringIO(newline="")
     csv.writer(out).writerows(keep)
     write_text_atomic(path, out.getvalue())
-
-
-class _TensorBoard:
-    """TensorBoard scalars when tensorboard is installed; silently nothing otherwise (the CSV log always exists)."""
-
-    def __init__(self, run: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.w = SummaryWriter(str(run / "tensorboard"))
-        except Exception:  # noqa: BLE001 - tensorboard is optional
-            self.w = None
-
-    def scalars(self, step: int, **values):
-        if self.w is not None:
-            for k, v in values.items():
-                self.w.add_scalar(k, v, step)
-
-    def close(self):
-        if self.w is not None:
-            self.w.close()

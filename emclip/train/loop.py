@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..data import BagDataset, ImageTransform, collate_bags
 from ..loss import ClipLoss, SigLipLoss
 from ..model import build_model
+from ..metrics import recall_at_k
 from ..progress import bars_disabled
 from .cache import build_feature_cache
 from .checkpoint import (copy_as, find_checkpoint, latest_checkpoint, load_checkpoint, prepare_resume, save_checkpoint,
@@ -171,11 +172,8 @@ class _Trainer:
 
 def mean_recall(sim: torch.Tensor, ks=(1, 5, 10)) -> float:
     """Mean over both directions and ``ks`` of Recall@k, the true match on the diagonal (ties count against)."""
-    values = []
-    for s in (sim, sim.T):
-        diag = s.diagonal()[:, None]
-        rank = (s >= diag).sum(dim=1)   # 1 = the match is strictly above every other candidate
-        values += [float((rank <= k).float().mean()) for k in ks]
+    match = torch.arange(len(sim))[:, None]
+    values = [r for s in (sim, sim.T) for r in recall_at_k(s, match, ks, ties="pessimistic").values()]
     return sum(values) / len(values)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .evaluation.pairs import pair_name
-from .metrics import balanced_accuracy
+from .metrics import balanced_accuracy, bootstrap_difference
 
 HEADLINE = "zero-shot bal. acc."
 
@@ -179,22 +179,19 @@ def paired_differences(runs: dict[Arm, Path], n_boot: int = 1000, seed: int = 0,
         pairs = [(b["a"], b["b"]) for b in m["zero_shot"].get("pairs", {}).values()]
         y, stats = _statistics(frames, classes, pairs)
         n, k = len(y), len(members)
-        rng = np.random.default_rng(seed)
-        draws = [rng.integers(0, n, n) for _ in range(n_boot)]
         full = np.arange(n)
         for metric in stats[0]:
             def diff(idx, seeds):
                 return np.mean([stats[s][metric](idx) - stats[k + s][metric](idx) for s in seeds])
             for label, seeds in [(f"s{a.seed}", [i]) for i, a in enumerate(members)] + [("pooled", list(range(k)))]:
-                boot = np.array([diff(d, seeds) for d in draws])
-                boot = boot[np.isfinite(boot)]
-                lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2]) if len(boot) else (np.nan, np.nan)
+                # the same seed for every metric and seed set: all resample the same patients
+                boot = bootstrap_difference(lambda idx, seeds=seeds: diff(idx, seeds), n, n_boot, seed, alpha)
+                lo, hi = boot["ci_low"], boot["ci_high"]
                 rows.append({"variant": variant, "seed": label, "metric": metric,
                              "aware": np.mean([stats[s][metric](full) for s in seeds]),
                              "blind": np.mean([stats[k + s][metric](full) for s in seeds]),
                              "aware − blind": diff(full, seeds), "95% CI": _fmt_ci(lo, hi),
-                             "ci_low": lo, "ci_high": hi,
-                             "p(diff ≤ 0)": float((boot <= 0).mean()) if len(boot) else np.nan, "patients": n})
+                             "ci_low": lo, "ci_high": hi, "p(diff ≤ 0)": boot["p_le_0"], "patients": n})
     return pd.DataFrame(rows)
 
 

@@ -1,7 +1,7 @@
 """Ablations: a grid of arms (scale mode x aggregator x scale-aware/blind x seed), their table and paired statistics.
 
 An :class:`Arm` is one training configuration of the grid; its run directory holds ``eval/metrics.json`` and
-``eval/predictions.csv`` (``pipeline.evaluate_run``). The tables read only those files, so they can be rebuilt from
+``eval/predictions.csv`` (``evaluation.cached.evaluate_run``). The tables read only those files, so they can be rebuilt from
 finished runs at any time. Every aware arm is paired with the blind arm of the same mode, aggregator and seed: the
 blind arm has the same layers without the scale input (``ScaleConditioning``), so a difference is the scale's.
 
@@ -305,7 +305,7 @@ def write_summary(out: str | Path, table: pd.DataFrame, diffs: pd.DataFrame, tit
                   note: str | None = None) -> None:
     """``ablation.md`` (readable tables) and ``metrics.json`` (the same numbers) in ``out``: the question, the
     per-run table with CIs, the paired differences, the conclusion and the figure, in that order. ``note`` (e.g.
-    where the diagnoses came from, ``pipeline.label_sentence``) is printed under the question."""
+    where the diagnoses came from, ``summary.label_sentence``) is printed under the question."""
     out = Path(out)
     pooled = diffs[diffs.seed == "pooled"].drop(columns=["seed", "ci_low", "ci_high"]) if len(diffs) else diffs
     md = [f"# {title}", "", f"**Question.** {QUESTION}", ""] + ([note, ""] if note else []) + [LEGEND, "",

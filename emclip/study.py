@@ -28,7 +28,8 @@ import pandas as pd
 
 from . import ablation
 from .paths import project_root, resolve
-from .pipeline import evaluate_run, load_params
+from .evaluation.cached import evaluate_run
+from .paramsets import load_params
 from .train.config import load_config
 from .train.loop import train
 

@@ -59,6 +59,30 @@ class Arm:
         """The same arm with the scale input switched (aware <-> blind)."""
         return Arm(self.scale_mode, self.aggregator, not self.scale_embed, self.seed, self.scale_attention)
 
+    @classmethod
+    def from_config(cls, config: dict) -> "Arm":
+        """The arm a run was trained as, from the fields of its configuration (a run's ``config.json``)."""
+        return cls(str(config["scale_mode"]), str(config["aggregator"]), bool(config["scale_embed"]),
+                   int(config["seed"]), bool(config.get("scale_attention", False)))
+
+
+def arm_of(run: str | Path) -> Arm:
+    """The arm of a trained run, read from the ``config.json`` training wrote into it: the run folder's name plays
+    no part (a renamed or moved run keeps its arm)."""
+    return Arm.from_config(json.loads((Path(run) / "config.json").read_text()))
+
+
+def runs_by_arm(run_dirs) -> dict[Arm, Path]:
+    """``{arm: run}`` for trained runs, each arm from its own ``config.json``; two runs of one arm are an error
+    (their rows would silently overwrite each other)."""
+    runs: dict[Arm, Path] = {}
+    for run in map(Path, run_dirs):
+        arm = arm_of(run)
+        if arm in runs:
+            raise ValueError(f"{run} and {runs[arm]} were both trained as arm {arm.name}")
+        runs[arm] = run
+    return runs
+
 
 def grid(spec: dict, defaults: dict | None = None) -> list[Arm]:
     """Every arm of an ``ablations`` section: lists under ``scale_mode``, ``aggregator``, ``scale_embed``, ``seeds``,
@@ -99,7 +123,7 @@ def run_table(runs: dict[Arm, Path]) -> pd.DataFrame:
     for arm, run in runs.items():
         m = _metrics(run)
         zs = m["zero_shot"]["patient"]
-        row = {"arm": arm.name, "mode": arm.mode_label, "aggregator": arm.aggregator,
+        row = {"arm": arm.name, "variant": arm.variant, "mode": arm.mode_label, "aggregator": arm.aggregator,
                "scale": "aware" if arm.scale_embed else "blind", "seed": arm.seed,
                "zero-shot AUC": zs["roc_auc_macro_ovr"]["value"],
                "zero-shot AUC 95% CI": _fmt_ci(zs["roc_auc_macro_ovr"]["ci_low"], zs["roc_auc_macro_ovr"]["ci_high"]),
@@ -235,14 +259,14 @@ def pair_names(runs: dict[Arm, Path]) -> list[str]:
 def ablation_figure(table: pd.DataFrame, diffs: pd.DataFrame, default_variant: str | None = None, path=None):
     """Per variant: zero-shot balanced accuracy and within-pair accuracy, aware vs blind (dots = seeds), and the
     pooled paired differences with their 95% CIs."""
-    metrics = [HEADLINE] + [c for c in table.columns if c.endswith(" acc.") and "/" in c]
-    variants = sorted({f"{m}-{a}" for m, a in zip(table["mode"], table["aggregator"])})
+    metrics = list(dict.fromkeys(diffs.metric)) if len(diffs) else [HEADLINE]   # headline first, then the pairs
+    variants = sorted(set(table["variant"]))
     fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(4.2 * (len(metrics) + 1), 0.5 * len(variants) + 2.2),
                              sharey=True)
     for ax, metric in zip(axes, metrics):
         for i, v in enumerate(variants):
             for scale, color, dy in (("aware", "#c44e52", 0.12), ("blind", "#4c72b0", -0.12)):
-                rows = table[(table["mode"] + "-" + table["aggregator"] == v) & (table.scale == scale)]
+                rows = table[(table.variant == v) & (table.scale == scale)]
                 ax.scatter(rows[metric], [i + dy] * len(rows), color=color, s=18, alpha=0.8,
                            label=scale if i == 0 else None)
                 ax.plot([rows[metric].mean()] * 2, [i + dy - 0.1, i + dy + 0.1], color=color, lw=2)

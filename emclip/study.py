@@ -157,6 +157,10 @@ def run_study(params: str = "study", log=print, runs_root: str | Path | None = N
     jobs = [(params, arm, runs[arm], n_boot, topj, chosen, 0) for arm in arms]
     for arm, sec in zip(arms, _run_jobs(jobs, workers, log, trained)):
         timings[arm.name] = sec
+    runs = ablation.runs_by_arm(runs.values())   # each arm as its run's config.json records it
+    if set(runs) != set(arms):
+        raise ValueError(f"the runs in {root} were trained as other arms than the grid's: "
+                         f"{sorted(a.name for a in set(runs) ^ set(arms))}")
 
     # 3. the default variant, chosen on validation
     val = pd.DataFrame([{"variant": a.variant, "scale": "aware" if a.scale_embed else "blind", "seed": a.seed,

@@ -103,3 +103,43 @@ def test_pair_confusion_cost_counts_twin_to_partner_errors_only(tmp_path):
     runs = {a: _fake_run(tmp_path, a, y, probs) for a in (Arm('add', 'mean', True), Arm('add', 'mean', False))}
     cost = ablation.pair_confusion_cost(runs)
     assert cost.loc[('add', 'mean', 'aware'), 'mean'] == pytest.approx((1 / 2) / 3)
+
+
+def _trained_as(run, arm):
+    """The config.json training writes: the arm's fields among the run's other settings."""
+    from emclip.train.config import TrainConfig
+    (run / 'config.json').write_text(json.dumps(TrainConfig(**arm.overrides()).to_dict()))
+    return run
+
+
+def test_a_runs_arm_comes_from_its_recorded_config_not_its_folder_name(tmp_path):
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 30)
+    aware = Arm('film', 'gated_attention', True, 2, True)
+    folders = {}
+    for arm, folder in ((aware, 'renamed-mlp-mean-blind-s0'), (aware.partner(), 'x-y-z')):
+        run = _fake_run(tmp_path, arm, y, _probs(rng.integers(0, 3, 30), rng))
+        folders[arm] = _trained_as(run.rename(tmp_path / folder), arm)   # the folder names mislead
+    assert ablation.arm_of(folders[aware]) == aware
+    runs = ablation.runs_by_arm(folders.values())
+    assert runs == folders
+    table = ablation.run_table(runs)
+    row = table.loc[aware.name]
+    assert (row['variant'], row['mode'], row['aggregator'], row['scale'], row['seed']) == (
+        'film+attn-gated_attention', 'film+attn', 'gated_attention', 'aware', 2)
+    diffs = ablation.paired_differences(runs, n_boot=20)
+    assert set(diffs.variant) == {aware.variant} and set(diffs.seed) == {'s2', 'pooled'}
+    import matplotlib
+    matplotlib.use('Agg')
+    fig = ablation.ablation_figure(table, diffs, aware.variant)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [aware.variant]
+    assert [a.get_title().split('\n')[0] for a in fig.axes[:-1]] == ['zero-shot bal. acc.', 'thin/normal acc.']
+
+
+def test_two_runs_of_one_arm_are_refused(tmp_path):
+    arm = Arm('add', 'mean', True, 0)
+    for name in ('a', 'b'):
+        (tmp_path / name).mkdir()
+        _trained_as(tmp_path / name, arm)
+    with pytest.raises(ValueError, match='both trained as arm add-mean-aware-s0'):
+        ablation.runs_by_arm([tmp_path / 'a', tmp_path / 'b'])

@@ -52,16 +52,21 @@ def test_grid_expands_and_refuses_unknown_keys():
         ablation.grid({'seed': [0]})
 
 
-def test_paired_differences_per_seed_and_pooled(tmp_path):
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 120)
+def seeded_runs(root, rng, n, right=(0.9, 0.5)):
+    """film-mean aware and blind runs for seeds 0 and 1 on n patients: each arm predicts the truth with probability
+    right[0] (aware) or right[1] (blind), else a random class."""
+    y = rng.integers(0, 3, n)
     runs = {}
     for seed in (0, 1):
-        aware_pred = np.where(rng.random(120) < 0.9, y, rng.integers(0, 3, 120))
-        blind_pred = np.where(rng.random(120) < 0.5, y, rng.integers(0, 3, 120))
-        for aware, pred in ((True, aware_pred), (False, blind_pred)):
+        preds = [np.where(rng.random(n) < p, y, rng.integers(0, 3, n)) for p in right]
+        for aware, pred in zip((True, False), preds):
             arm = Arm('film', 'mean', aware, seed)
-            runs[arm] = _fake_run(tmp_path, arm, y, _probs(pred, rng))
+            runs[arm] = _fake_run(root, arm, y, _probs(pred, rng))
+    return runs
+
+
+def test_paired_differences_per_seed_and_pooled(tmp_path):
+    runs = seeded_runs(tmp_path, np.random.default_rng(0), 120)
     d = ablation.paired_differences(runs, n_boot=200)
     assert set(d.metric) == {'zero-shot bal. acc.', 'thin/normal acc.'}
     assert set(d.seed) == {'s0', 's1', 'pooled'}

@@ -8,7 +8,7 @@ from emclip.ablation import Arm
 from emclip.evaluation.report import compare_runs
 from emclip.metrics import bootstrap_difference, paired_bootstrap
 
-from test_ablation import _fake_run, _probs
+from test_ablation import seeded_runs
 
 # (seed, metric) -> (aware - blind, ci_low, ci_high, p(diff <= 0)) from the former loop in paired_differences
 BEFORE = {
@@ -26,16 +26,7 @@ BEFORE_COMPARE = {'value_a': 0.8466471747721748, 'value_b': 0.7431189109178239, 
 
 @pytest.fixture
 def runs(tmp_path):
-    rng = np.random.default_rng(7)
-    y = rng.integers(0, 3, 60)
-    out = {}
-    for seed in (0, 1):
-        aware_pred = np.where(rng.random(60) < 0.7, y, rng.integers(0, 3, 60))
-        blind_pred = np.where(rng.random(60) < 0.5, y, rng.integers(0, 3, 60))
-        for aware, pred in ((True, aware_pred), (False, blind_pred)):
-            arm = Arm('film', 'mean', aware, seed)
-            out[arm] = _fake_run(tmp_path, arm, y, _probs(pred, rng))
-    return out
+    return seeded_runs(tmp_path, np.random.default_rng(7), 60, right=(0.7, 0.5))
 
 
 def test_paired_differences_gives_the_numbers_of_its_former_loop(runs):

@@ -1,8 +1,9 @@
 """Ablations: a grid of arms (scale mode x aggregator x scale-aware/blind x seed), their table and paired statistics.
 
 An :class:`Arm` is one training configuration of the grid; its run directory holds ``eval/metrics.json`` and
-``eval/predictions.csv`` (``evaluation.cached.evaluate_run``). The tables read only those files, so they can be rebuilt from
-finished runs at any time. Every aware arm is paired with the blind arm of the same mode, aggregator and seed: the
+``eval/predictions.csv`` (``evaluation.cached.evaluate_run``). The tables read only those files, so they can be
+rebuilt from finished runs at any time; which arm a run is comes from its ``config.json`` (``runs_by_arm``), never
+from its folder name. Every aware arm is paired with the blind arm of the same mode, aggregator and seed: the
 blind arm has the same layers without the scale input (``ScaleConditioning``), so a difference is the scale's.
 
 Seeds: each statistic is reported per seed and pooled. The pooled difference is the mean over seeds of

@@ -46,7 +46,8 @@ def test_a_run_loads_embeds_and_bounds_from_its_own_folder(trained_run, capsys):
     best = run_checkpoint(run)
     assert best == run / "checkpoints" / "best"
     model, cfg = load_run_model(run, device="cpu")
-    assert not model.training and cfg.to_dict() == TrainConfig(**json.loads((run / "config.json").read_text())).to_dict()
+    recorded = TrainConfig(**json.loads((run / "config.json").read_text()))
+    assert not model.training and cfg.to_dict() == recorded.to_dict()
     reloaded, _ = load_run_model(str(run), best, device="cpu")            # a folder the caller resolved
     for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()):
         assert torch.equal(a, b)

@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 
 def _log(run, with_recall=True):
     """metrics_log.csv as training writes it: one row per step (loss, lr, logit_scale), one per validation."""
-    rows = [{"step": s, "loss": 2.0 - 0.1 * s, "lr": 1e-3, "logit_scale": 14.0 + s, "val_loss": None} for s in range(10)]
+    rows = [{"step": s, "loss": 2.0 - 0.1 * s, "lr": 1e-3, "logit_scale": 14.0 + s, "val_loss": None}
+            for s in range(10)]
     rows += [{"step": s, "loss": None, "val_loss": 1.8 - 0.1 * s, **({"val_recall": 0.2 + 0.05 * s}
                                                                        if with_recall else {})} for s in (4, 9)]
     run.mkdir(parents=True, exist_ok=True)

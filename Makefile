@@ -59,13 +59,13 @@ figures: install cohort
 
 # the whole study on the embedded cohort: notebooks 01 -> 05 with params/demo.yaml into reports/demo/
 demo: install
-	$(PY) -m emclip.pipeline demo
+	$(PY) -m emclip.run_notebooks demo
 
 # the demo as a real archive would run it: no diagnosis column, labels from the report labeler
 demo-unlabelled: install
 	test -f data/demo_cohort_unlabelled/reports.csv || $(PY) -m emclip.synthetic --out data/demo_cohort_unlabelled \
 		--seed 0 --without-diagnosis
-	$(PY) -m emclip.pipeline params/demo_unlabelled.yaml
+	$(PY) -m emclip.run_notebooks params/demo_unlabelled.yaml
 
 # the decisive scale study (docs/study.md): generates data/study_cohort on first use, resumes finished arms
 study: install

@@ -1,8 +1,9 @@
 """Ablations: a grid of arms (scale mode x aggregator x scale-aware/blind x seed), their table and paired statistics.
 
 An :class:`Arm` is one training configuration of the grid; its run directory holds ``eval/metrics.json`` and
-``eval/predictions.csv`` (``pipeline.evaluate_run``). The tables read only those files, so they can be rebuilt from
-finished runs at any time. Every aware arm is paired with the blind arm of the same mode, aggregator and seed: the
+``eval/predictions.csv`` (``evaluation.cached.evaluate_run``). The tables read only those files, so they can be
+rebuilt from finished runs at any time; which arm a run is comes from its ``config.json`` (``runs_by_arm``), never
+from its folder name. Every aware arm is paired with the blind arm of the same mode, aggregator and seed: the
 blind arm has the same layers without the scale input (``ScaleConditioning``), so a difference is the scale's.
 
 Seeds: each statistic is reported per seed and pooled. The pooled difference is the mean over seeds of
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .evaluation.pairs import pair_name
-from .metrics import balanced_accuracy
+from .metrics import balanced_accuracy, bootstrap_difference
 
 HEADLINE = "zero-shot bal. acc."
 
@@ -58,6 +59,30 @@ class Arm:
     def partner(self) -> "Arm":
         """The same arm with the scale input switched (aware <-> blind)."""
         return Arm(self.scale_mode, self.aggregator, not self.scale_embed, self.seed, self.scale_attention)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Arm":
+        """The arm a run was trained as, from the fields of its configuration (a run's ``config.json``)."""
+        return cls(str(config["scale_mode"]), str(config["aggregator"]), bool(config["scale_embed"]),
+                   int(config["seed"]), bool(config.get("scale_attention", False)))
+
+
+def arm_of(run: str | Path) -> Arm:
+    """The arm of a trained run, read from the ``config.json`` training wrote into it: the run folder's name plays
+    no part (a renamed or moved run keeps its arm)."""
+    return Arm.from_config(json.loads((Path(run) / "config.json").read_text()))
+
+
+def runs_by_arm(run_dirs) -> dict[Arm, Path]:
+    """``{arm: run}`` for trained runs, each arm from its own ``config.json``; two runs of one arm are an error
+    (their rows would silently overwrite each other)."""
+    runs: dict[Arm, Path] = {}
+    for run in map(Path, run_dirs):
+        arm = arm_of(run)
+        if arm in runs:
+            raise ValueError(f"{run} and {runs[arm]} were both trained as arm {arm.name}")
+        runs[arm] = run
+    return runs
 
 
 def grid(spec: dict, defaults: dict | None = None) -> list[Arm]:
@@ -99,7 +124,7 @@ def run_table(runs: dict[Arm, Path]) -> pd.DataFrame:
     for arm, run in runs.items():
         m = _metrics(run)
         zs = m["zero_shot"]["patient"]
-        row = {"arm": arm.name, "mode": arm.mode_label, "aggregator": arm.aggregator,
+        row = {"arm": arm.name, "variant": arm.variant, "mode": arm.mode_label, "aggregator": arm.aggregator,
                "scale": "aware" if arm.scale_embed else "blind", "seed": arm.seed,
                "zero-shot AUC": zs["roc_auc_macro_ovr"]["value"],
                "zero-shot AUC 95% CI": _fmt_ci(zs["roc_auc_macro_ovr"]["ci_low"], zs["roc_auc_macro_ovr"]["ci_high"]),
@@ -179,22 +204,19 @@ def paired_differences(runs: dict[Arm, Path], n_boot: int = 1000, seed: int = 0,
         pairs = [(b["a"], b["b"]) for b in m["zero_shot"].get("pairs", {}).values()]
         y, stats = _statistics(frames, classes, pairs)
         n, k = len(y), len(members)
-        rng = np.random.default_rng(seed)
-        draws = [rng.integers(0, n, n) for _ in range(n_boot)]
         full = np.arange(n)
         for metric in stats[0]:
             def diff(idx, seeds):
                 return np.mean([stats[s][metric](idx) - stats[k + s][metric](idx) for s in seeds])
             for label, seeds in [(f"s{a.seed}", [i]) for i, a in enumerate(members)] + [("pooled", list(range(k)))]:
-                boot = np.array([diff(d, seeds) for d in draws])
-                boot = boot[np.isfinite(boot)]
-                lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2]) if len(boot) else (np.nan, np.nan)
+                # the same seed for every metric and seed set: all resample the same patients
+                boot = bootstrap_difference(lambda idx, seeds=seeds: diff(idx, seeds), n, n_boot, seed, alpha)
+                lo, hi = boot["ci_low"], boot["ci_high"]
                 rows.append({"variant": variant, "seed": label, "metric": metric,
                              "aware": np.mean([stats[s][metric](full) for s in seeds]),
                              "blind": np.mean([stats[k + s][metric](full) for s in seeds]),
                              "aware − blind": diff(full, seeds), "95% CI": _fmt_ci(lo, hi),
-                             "ci_low": lo, "ci_high": hi,
-                             "p(diff ≤ 0)": float((boot <= 0).mean()) if len(boot) else np.nan, "patients": n})
+                             "ci_low": lo, "ci_high": hi, "p(diff ≤ 0)": boot["p_le_0"], "patients": n})
     return pd.DataFrame(rows)
 
 
@@ -238,14 +260,14 @@ def pair_names(runs: dict[Arm, Path]) -> list[str]:
 def ablation_figure(table: pd.DataFrame, diffs: pd.DataFrame, default_variant: str | None = None, path=None):
     """Per variant: zero-shot balanced accuracy and within-pair accuracy, aware vs blind (dots = seeds), and the
     pooled paired differences with their 95% CIs."""
-    metrics = [HEADLINE] + [c for c in table.columns if c.endswith(" acc.") and "/" in c]
-    variants = sorted({f"{m}-{a}" for m, a in zip(table["mode"], table["aggregator"])})
+    metrics = list(dict.fromkeys(diffs.metric)) if len(diffs) else [HEADLINE]   # headline first, then the pairs
+    variants = sorted(set(table["variant"]))
     fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(4.2 * (len(metrics) + 1), 0.5 * len(variants) + 2.2),
                              sharey=True)
     for ax, metric in zip(axes, metrics):
         for i, v in enumerate(variants):
             for scale, color, dy in (("aware", "#c44e52", 0.12), ("blind", "#4c72b0", -0.12)):
-                rows = table[(table["mode"] + "-" + table["aggregator"] == v) & (table.scale == scale)]
+                rows = table[(table.variant == v) & (table.scale == scale)]
                 ax.scatter(rows[metric], [i + dy] * len(rows), color=color, s=18, alpha=0.8,
                            label=scale if i == 0 else None)
                 ax.plot([rows[metric].mean()] * 2, [i + dy - 0.1, i + dy + 0.1], color=color, lw=2)
@@ -308,7 +330,7 @@ def write_summary(out: str | Path, table: pd.DataFrame, diffs: pd.DataFrame, tit
                   note: str | None = None) -> None:
     """``ablation.md`` (readable tables) and ``metrics.json`` (the same numbers) in ``out``: the question, the
     per-run table with CIs, the paired differences, the conclusion and the figure, in that order. ``note`` (e.g.
-    where the diagnoses came from, ``pipeline.label_sentence``) is printed under the question."""
+    where the diagnoses came from, ``summary.label_sentence``) is printed under the question."""
     out = Path(out)
     pooled = diffs[diffs.seed == "pooled"].drop(columns=["seed", "ci_low", "ci_high"]) if len(diffs) else diffs
     md = [f"# {title}", "", f"**Question.** {QUESTION}", ""] + ([note, ""] if note else []) + [LEGEND, "",

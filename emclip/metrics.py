@@ -30,7 +30,7 @@ from scipy.stats import rankdata
 __all__ = [
     'retrieval_ranks', 'retrieval_ranks_from_embeddings', 'recall_at_k', 'recall_at_k_from_embeddings',
     'recall_from_ranks', 'median_rank', 'roc_auc_ovr', 'classification_metrics', 'headline_metrics',
-    'bootstrap_ci', 'paired_bootstrap', 'HEADLINE_METRICS',
+    'bootstrap_ci', 'paired_bootstrap', 'bootstrap_difference', 'HEADLINE_METRICS',
 ]
 
 DEFAULT_KS = (1, 5, 10, 50)
@@ -380,14 +380,24 @@ def paired_bootstrap(metric_fn: Callable[[np.ndarray, np.ndarray], float], y_tru
     y, pa, pb = np.asarray(y_true), np.asarray(probs_a), np.asarray(probs_b)
     if not (len(y) == len(pa) == len(pb)):
         raise ValueError('y_true, probs_a and probs_b must cover the same patients')
-    members, rng = _group_members(groups, len(y)), np.random.default_rng(seed)
     va, vb = float(metric_fn(y, pa)), float(metric_fn(y, pb))
-    diffs = []
-    for _ in range(n_boot):
-        idx = _resample_indices(rng, len(y), members)
-        diffs.append(metric_fn(y[idx], pa[idx]) - metric_fn(y[idx], pb[idx]))
+    boot = bootstrap_difference(lambda idx: metric_fn(y[idx], pa[idx]) - metric_fn(y[idx], pb[idx]), len(y),
+                                n_boot=n_boot, seed=seed, alpha=alpha, groups=groups)
+    return {'value_a': va, 'value_b': vb, 'difference': va - vb, **boot}
+
+
+def bootstrap_difference(difference: Callable[[np.ndarray], float], n: int, n_boot: int = 1000, seed: int = 0,
+                         alpha: float = 0.05, groups=None) -> dict:
+    """The one paired bootstrap: ``difference(idx)`` scores both sides on the same resampled rows ``idx``.
+
+    Every paired comparison (two models here, aware minus blind arms pooled over seeds in ``ablation``) goes
+    through it, so they resample alike: ``n_boot`` draws of ``n`` rows (whole groups with ``groups``) from
+    ``default_rng(seed)``. Returns the percentile CI (``ci_low``, ``ci_high``), ``p_le_0`` (share of valid
+    resamples where the difference is <= 0), ``n_boot`` and ``n_valid`` (non-finite resamples are dropped).
+    """
+    members, rng = _group_members(groups, n), np.random.default_rng(seed)
+    diffs = np.array([difference(_resample_indices(rng, n, members)) for _ in range(n_boot)], dtype=np.float64)
     lo, hi, n_valid = _interval(diffs, alpha)
-    d = np.asarray(diffs, dtype=np.float64)
-    d = d[np.isfinite(d)]
-    return {'value_a': va, 'value_b': vb, 'difference': va - vb, 'ci_low': lo, 'ci_high': hi,
-            'p_le_0': float(np.mean(d <= 0)) if len(d) else float('nan'), 'n_boot': n_boot, 'n_valid': n_valid}
+    finite = diffs[np.isfinite(diffs)]
+    return {'ci_low': lo, 'ci_high': hi, 'p_le_0': float(np.mean(finite <= 0)) if len(finite) else float('nan'),
+            'n_boot': n_boot, 'n_valid': n_valid}

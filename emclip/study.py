@@ -28,7 +28,8 @@ import pandas as pd
 
 from . import ablation
 from .paths import project_root, resolve
-from .pipeline import evaluate_run, load_params
+from .evaluation.cached import evaluate_run
+from .paramsets import load_params
 from .train.config import load_config
 from .train.loop import train
 
@@ -156,6 +157,10 @@ def run_study(params: str = "study", log=print, runs_root: str | Path | None = N
     jobs = [(params, arm, runs[arm], n_boot, topj, chosen, 0) for arm in arms]
     for arm, sec in zip(arms, _run_jobs(jobs, workers, log, trained)):
         timings[arm.name] = sec
+    runs = ablation.runs_by_arm(runs.values())   # each arm as its run's config.json records it
+    if set(runs) != set(arms):
+        raise ValueError(f"the runs in {root} were trained as other arms than the grid's: "
+                         f"{sorted(a.name for a in set(runs) ^ set(arms))}")
 
     # 3. the default variant, chosen on validation
     val = pd.DataFrame([{"variant": a.variant, "scale": "aware" if a.scale_embed else "blind", "seed": a.seed,

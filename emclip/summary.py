@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ['LEGEND', 'fmt', 'fmt_ci', 'headline_table', 'scale_table', 'conclusion', 'zero_shot_table', 'pair_table',
-           'per_class_auc', 'retrieval_table', 'probe_table', 'legend']
+           'per_class_auc', 'retrieval_table', 'probe_table', 'legend', 'label_sentence']
 
 # Column name -> what it means; shown under tables so that no reader needs the schema.
 LEGEND = {
@@ -213,3 +213,21 @@ def conclusion(metrics: dict, html: bool = False) -> str:
                      f'(R@1 among {metrics.get("n_patients")} patients).')
     text = ' '.join(parts)
     return _html.escape(text) if html else text
+
+
+def label_sentence(metrics: dict) -> str:
+    """One sentence for a report: where the evaluated patients' diagnoses came from and who was left out."""
+    lab = metrics.get("labels")
+    if not lab:
+        return "Diagnosis source not recorded (metrics.json written before schema version 2)."
+    src, split = lab["sources"], metrics.get("split") or "all"
+    parts = [f"{src[k]} {k}" for k in ("given", "labeler") if src[k]]
+    text = f"**Diagnoses** of the {metrics['n_patients']} {split} patients: " + (", ".join(parts) or "none")
+    if src["labeler"]:
+        hedge = "hedged diagnoses counted" if lab.get("uncertain") == "positive" else "hedged diagnoses excluded"
+        text += f" (from the {lab.get('labeler', 'report labeler')}; {hedge})"
+    excluded = lab["n_no_diagnosis"] + lab["n_diagnosis_not_in_classes"]
+    if excluded:
+        text += (f". {excluded} patient(s) are excluded from zero-shot and the probe: {lab['n_no_diagnosis']} without "
+                 f"a usable diagnosis, {lab['n_diagnosis_not_in_classes']} with a diagnosis outside the classes")
+    return text + "."

@@ -52,16 +52,21 @@ def test_grid_expands_and_refuses_unknown_keys():
         ablation.grid({'seed': [0]})
 
 
-def test_paired_differences_per_seed_and_pooled(tmp_path):
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 120)
+def seeded_runs(root, rng, n, right=(0.9, 0.5)):
+    """film-mean aware and blind runs for seeds 0 and 1 on n patients: each arm predicts the truth with probability
+    right[0] (aware) or right[1] (blind), else a random class."""
+    y = rng.integers(0, 3, n)
     runs = {}
     for seed in (0, 1):
-        aware_pred = np.where(rng.random(120) < 0.9, y, rng.integers(0, 3, 120))
-        blind_pred = np.where(rng.random(120) < 0.5, y, rng.integers(0, 3, 120))
-        for aware, pred in ((True, aware_pred), (False, blind_pred)):
+        preds = [np.where(rng.random(n) < p, y, rng.integers(0, 3, n)) for p in right]
+        for aware, pred in zip((True, False), preds):
             arm = Arm('film', 'mean', aware, seed)
-            runs[arm] = _fake_run(tmp_path, arm, y, _probs(pred, rng))
+            runs[arm] = _fake_run(root, arm, y, _probs(pred, rng))
+    return runs
+
+
+def test_paired_differences_per_seed_and_pooled(tmp_path):
+    runs = seeded_runs(tmp_path, np.random.default_rng(0), 120)
     d = ablation.paired_differences(runs, n_boot=200)
     assert set(d.metric) == {'zero-shot bal. acc.', 'thin/normal acc.'}
     assert set(d.seed) == {'s0', 's1', 'pooled'}
@@ -103,3 +108,43 @@ def test_pair_confusion_cost_counts_twin_to_partner_errors_only(tmp_path):
     runs = {a: _fake_run(tmp_path, a, y, probs) for a in (Arm('add', 'mean', True), Arm('add', 'mean', False))}
     cost = ablation.pair_confusion_cost(runs)
     assert cost.loc[('add', 'mean', 'aware'), 'mean'] == pytest.approx((1 / 2) / 3)
+
+
+def _trained_as(run, arm):
+    """The config.json training writes: the arm's fields among the run's other settings."""
+    from emclip.train.config import TrainConfig
+    (run / 'config.json').write_text(json.dumps(TrainConfig(**arm.overrides()).to_dict()))
+    return run
+
+
+def test_a_runs_arm_comes_from_its_recorded_config_not_its_folder_name(tmp_path):
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 30)
+    aware = Arm('film', 'gated_attention', True, 2, True)
+    folders = {}
+    for arm, folder in ((aware, 'renamed-mlp-mean-blind-s0'), (aware.partner(), 'x-y-z')):
+        run = _fake_run(tmp_path, arm, y, _probs(rng.integers(0, 3, 30), rng))
+        folders[arm] = _trained_as(run.rename(tmp_path / folder), arm)   # the folder names mislead
+    assert ablation.arm_of(folders[aware]) == aware
+    runs = ablation.runs_by_arm(folders.values())
+    assert runs == folders
+    table = ablation.run_table(runs)
+    row = table.loc[aware.name]
+    assert (row['variant'], row['mode'], row['aggregator'], row['scale'], row['seed']) == (
+        'film+attn-gated_attention', 'film+attn', 'gated_attention', 'aware', 2)
+    diffs = ablation.paired_differences(runs, n_boot=20)
+    assert set(diffs.variant) == {aware.variant} and set(diffs.seed) == {'s2', 'pooled'}
+    import matplotlib
+    matplotlib.use('Agg')
+    fig = ablation.ablation_figure(table, diffs, aware.variant)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [aware.variant]
+    assert [a.get_title().split('\n')[0] for a in fig.axes[:-1]] == ['zero-shot bal. acc.', 'thin/normal acc.']
+
+
+def test_two_runs_of_one_arm_are_refused(tmp_path):
+    arm = Arm('add', 'mean', True, 0)
+    for name in ('a', 'b'):
+        (tmp_path / name).mkdir()
+        _trained_as(tmp_path / name, arm)
+    with pytest.raises(ValueError, match='both trained as arm add-mean-aware-s0'):
+        ablation.runs_by_arm([tmp_path / 'a', tmp_path / 'b'])

@@ -271,20 +271,20 @@ def trained_run(tiny_cohort, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_evaluation_is_reused_only_while_nothing_it_depends_on_changed(trained_run, monkeypatch):
-    from emclip import pipeline
+    from emclip.evaluation import cached, runs
     run, calls, logs = trained_run, [], []
-    original = pipeline.evaluate
+    original = cached.evaluate
 
     def counted(*args, **kwargs):          # the real evaluation, made cheaper: fewer probe seeds and prompt sets
         calls.append(kwargs["topj"])
         return original(*args, **kwargs, probe_seeds=(0,), n_prompt_subsets=2, shots=(1,))
 
-    monkeypatch.setattr(pipeline, "evaluate", counted)
+    monkeypatch.setattr(cached, "evaluate", counted)
     metrics_path = run / "eval" / "metrics.json"
 
     def evaluate(**kw):
         kw = {"n_boot": 10, "topj": (1, 3), "figures": False, **kw}
-        return pipeline.evaluate_run(run, log=logs.append, **kw)
+        return cached.evaluate_run(run, log=logs.append, **kw)
 
     def last() -> str:
         return logs[-1]
@@ -341,9 +341,9 @@ def test_evaluation_is_reused_only_while_nothing_it_depends_on_changed(trained_r
 
     # other zero-shot prompts (e.g. an edited prompt file)
     from emclip.evaluation import PromptSet
-    renal = pipeline.load_prompts("renal_em")
+    renal = runs.load_prompts("renal_em")
     edited = PromptSet(renal.classes, renal.synonyms, renal.templates + ["a micrograph showing {}"])
-    monkeypatch.setattr(pipeline, "load_prompts", lambda name: edited)
+    monkeypatch.setattr(runs, "load_prompts", lambda name: edited)
     evaluate(topj=(1, 5), n_boot=12)
     assert len(calls) == 7 and "prompts changed" in last(), last()
 
@@ -363,7 +363,7 @@ def test_evaluation_is_reused_only_while_nothing_it_depends_on_changed(trained_r
         (run / "eval" / "predictions.csv").write_text("half written\n")
         raise RuntimeError("killed mid-evaluation")
 
-    monkeypatch.setattr(pipeline, "evaluate", killed)
+    monkeypatch.setattr(cached, "evaluate", killed)
     with pytest.raises(RuntimeError, match="killed"):
         evaluate(topj=(1, 2))
     assert not metrics_path.exists()

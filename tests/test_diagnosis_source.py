@@ -163,7 +163,7 @@ def test_metrics_say_where_the_labels_came_from():
     assert m["labels"]["source"] == "labeler" and m["labels"]["sources"] == {"given": 0, "labeler": 9, "none": 3}
     assert m["labels"]["n_no_diagnosis"] == 3 and m["zero_shot"]["patient"]["n"] == 9
     assert m["labels"]["labeler"] == "report labeler (renal)"
-    from emclip.pipeline import label_sentence
+    from emclip.summary import label_sentence
     text = label_sentence(m)
     assert "9 labeler" in text and "report labeler (renal)" in text and "3 without a usable diagnosis" in text
 

@@ -346,12 +346,12 @@ def test_within_pair_metrics_by_hand():
 
 
 def test_pair_table_rounds_and_tolerates_undefined_values():
-    from emclip import pipeline
+    from emclip.summary import pair_table
     ci = {'value': 0.123456, 'ci_low': 0.1, 'ci_high': 0.2}
     undefined = {'value': None, 'ci_low': None, 'ci_high': None}
     metrics = {'zero_shot': {'pairs': {'a vs b': {'n': 3, 'accuracy': ci, 'balanced_accuracy': ci,
                                                   'roc_auc': undefined}}}}
-    table = pipeline.pair_table(metrics)
+    table = pair_table(metrics)
     assert table.loc['a vs b', 'within-pair accuracy'] == 0.123 and np.isnan(table.loc['a vs b', 'ROC-AUC'])
     assert table.loc['a vs b', 'ROC-AUC 95% CI'] == ''
 

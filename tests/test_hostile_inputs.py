@@ -191,16 +191,16 @@ def test_the_train_cli_prints_refusals_as_one_line(tmp_path, capsys):
 def test_a_diagnosis_outside_the_bundled_classes_keeps_the_renal_prompts_for_the_rest_with_a_warning():
     from types import SimpleNamespace
     from emclip.evaluation import load_prompts
-    from emclip.pipeline import _prompt_classes
+    from emclip.evaluation.runs import prompt_classes
     renal = load_prompts("renal_em")
     cohort = SimpleNamespace(reports=pd.DataFrame({"diagnosis": ["minimal change disease", "oncocytoma", None]}))
     with pytest.warns(UserWarning, match=r"1 diagnosis value\(s\) are not among the bundled renal classes and are "
                                          r"prompted by name only: 'oncocytoma'"):
-        prompts = _prompt_classes(cohort)
+        prompts = prompt_classes(cohort)
     assert prompts.classes == ["minimal change disease", "oncocytoma"] and prompts.templates == renal.templates
     assert prompts.synonyms["minimal change disease"] == renal.synonyms["minimal change disease"]
     assert prompts.synonyms["oncocytoma"] == ["oncocytoma"]
-    covered = _prompt_classes(SimpleNamespace(reports=pd.DataFrame({"diagnosis": ["normal", "amyloidosis"]})))
+    covered = prompt_classes(SimpleNamespace(reports=pd.DataFrame({"diagnosis": ["normal", "amyloidosis"]})))
     assert covered.classes == renal.classes and covered.synonyms == renal.synonyms   # all bundled: the full set
 
 

@@ -99,8 +99,8 @@ def test_a_whole_run_reads_clean_in_html_with_an_index(tmp_path):
     traceback, a kernel log line or a network script; code is hidden; index.html links every report and figure."""
     import re
     import yaml
-    from emclip import pipeline
     from emclip.reports import report_problems
+    from emclip.run_notebooks import run_all
     params = yaml.safe_load((REPO / "params" / "ci.yaml").read_text())
     params["name"] = "ci-html"
     params["train"].update(run_dir=str(tmp_path / "runs" / "main"), cache_dir=str(REPO / "cache" / "ci"))
@@ -110,7 +110,7 @@ def test_a_whole_run_reads_clean_in_html_with_an_index(tmp_path):
     out = tmp_path / "reports"
     env_before = dict(os.environ)
     try:
-        pipeline.run_all(str(pfile), out=out, summary=False)
+        run_all(str(pfile), out=out, summary=False)
     finally:
         os.environ.clear()
         os.environ.update(env_before)

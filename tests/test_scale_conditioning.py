@@ -191,7 +191,7 @@ def test_scale_in_trunk_trains_end_to_end_and_evaluates(tmp_path, tiny_cohort):
     """The ViT-token mode through the real training loop (mode=e2e) and the evaluation that reads the run."""
     import json
 
-    from emclip.pipeline import evaluate_run
+    from emclip.evaluation.cached import evaluate_run
     from emclip.train import load_config, train
     run = tmp_path / 'run'
     cfg = load_config('ci', dict(data_dir=str(tiny_cohort), run_dir=str(run), cache_dir=str(tmp_path / 'cache'),

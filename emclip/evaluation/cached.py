@@ -1,0 +1,154 @@
+"""Evaluation of a trained run, recomputed only when something its metrics depend on changed.
+
+``evaluation_key`` lists those things (checkpoint, arguments, configuration, cohort as derived, image files,
+prompts, metrics schema); ``evaluate_run`` reuses a stored ``metrics.json`` whose key is equal and otherwise says,
+with ``key_changes``, what changed before recomputing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .. import __version__
+from ..digests import file_sha256
+from ..paths import resolve, write_text_atomic
+from ..train.cache import feature_cache_key, image_files_digest
+from ..train.config import TrainConfig
+from ..train.runinfo import load_run_cohort
+from .report import SCHEMA_VERSION, _dumps, evaluate
+from .runs import embed_run, load_run_model, prompt_classes, run_checkpoint, supervised_bound
+from .zeroshot import resolve_prompts
+
+__all__ = ["evaluation_key", "key_changes", "evaluate_run"]
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _table_digest(df: pd.DataFrame) -> str:
+    """Digest of a table's values, in row order (vectorised: cheap at 600k rows)."""
+    h = hashlib.sha256(json.dumps([list(df.columns), len(df)]).encode())
+    h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def evaluation_key(ckpt: Path, cfg: TrainConfig, cohort, split, n_boot, topj, figures,
+                   feature_key: str | None) -> dict:
+    """Everything an evaluation's metrics depend on, each part small enough to say what changed.
+
+    ``{"digest": ..., "parts": {...}}``: the metrics schema and emclip version, the arguments of ``evaluate_run``,
+    the checkpoint read (path, step, SHA-256 of its weights), the run's configuration, the cohort as derived (reports:
+    patient, split, diagnosis, its source and the report text; images: patient, path, nm/px), the image files
+    (the feature cache key in cache mode, else the same one-stat-per-file digest) and the zero-shot prompts."""
+    meta_path = ckpt / "meta.json"
+    ckpt_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    diagnoses = [d if isinstance(d, str) else None for d in cohort.reports.diagnosis]
+    try:
+        prompts = resolve_prompts(prompt_classes(cohort), diagnoses)
+        prompt_part = _digest({"classes": prompts.classes, "synonyms": prompts.synonyms,
+                               "templates": prompts.templates})
+    except ValueError as err:   # e.g. a cohort without any diagnosis: the evaluation itself says what is wrong
+        prompt_part = f"none ({err})"
+    reports = cohort.reports[["patient_id", "split", "diagnosis", "diagnosis_source", "report"]]
+    images = cohort.images[["patient_id", "path", "nm_per_pixel"]]
+    parts = {
+        "schema_version": SCHEMA_VERSION, "emclip_version": __version__,
+        "split": split, "n_boot": int(n_boot), "topj": [int(j) for j in topj], "figures": bool(figures),
+        "checkpoint": {"path": str(ckpt), "step": ckpt_meta.get("step"),
+                       "frozen_digest": ckpt_meta.get("frozen_digest"),
+                       # verified against this recorded checksum when the checkpoint was resolved
+                       "sha256": (ckpt_meta.get("checksums") or {}).get("model.safetensors")
+                       or file_sha256(ckpt / "model.safetensors")},
+        "config": cfg.to_dict(),
+        "cohort": {"reports": _table_digest(reports), "images": _table_digest(images),
+                   "labels": _digest(cohort.labels)},
+        # the image files: the feature cache key (trunk + every file's identity) in cache mode, else the files alone
+        **({"feature_cache": feature_key} if feature_key is not None else
+           {"image_files": image_files_digest(cohort)}),
+        "prompts": prompt_part,
+    }
+    return {"digest": _digest(parts), "parts": parts}
+
+
+def _show(value) -> str:
+    if isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+        return "(" + ", ".join(str(v) for v in value) + ")"
+    return repr(value)
+
+
+def key_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two evaluation keys, one phrase per piece (``topj changed (1, 3) -> (1, 5)``)."""
+    old_parts, new_parts = old.get("parts") or {}, new["parts"]
+    changes = []
+    for name, value in new_parts.items():
+        before = old_parts.get(name, "<not recorded>")
+        if name == "figures" and before is True and value is False:   # figures made but not asked for: still fine
+            continue
+        if before == value:
+            continue
+        if isinstance(value, dict) and isinstance(before, dict):
+            for sub in sorted(set(value) | set(before)):
+                if value.get(sub, "<absent>") != before.get(sub, "<absent>"):
+                    changes.append(f"{name}.{sub} changed {_show(before.get(sub, '<absent>'))} -> "
+                                   f"{_show(value.get(sub, '<absent>'))}")
+        else:
+            changes.append(f"{name} changed {_show(before)} -> {_show(value)}")
+    return changes
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", n_boot: int = 1000, topj=(1, 3), out: str | Path | None = None,
+                 figures: bool = True, reuse: bool = True, name: str = "eval", log=print) -> dict:
+    """Full evaluation protocol of a trained run on ``split``: writes ``<run>/<name>/metrics.json`` and figures.
+
+    The metrics file records its ``evaluation_key`` (``evaluation_key()``: checkpoint, arguments, configuration,
+    cohort and diagnoses as derived, image files, prompts, metrics schema). With ``reuse``, an evaluation already in
+    ``<run>/<name>`` whose key equals the current one is returned instead of being recomputed; otherwise what changed
+    is printed and everything is recomputed. ``out`` also receives a copy.
+    """
+    run = resolve(run_dir)
+    target = run / name
+    metrics_path = target / "metrics.json"
+    ckpt = run_checkpoint(run)
+    model, cfg = load_run_model(run, ckpt)
+    cohort = load_run_cohort(cfg)
+    feature_key = feature_cache_key(model, cohort) if cfg.mode == "cache" else None
+    key = evaluation_key(ckpt, cfg, cohort, split, n_boot, topj, figures, feature_key)
+    metrics = None
+    if reuse and metrics_path.exists():
+        try:
+            stored = json.loads(metrics_path.read_text())
+            old_key = stored.get("evaluation_key") if isinstance(stored, dict) else None
+        except (OSError, ValueError) as err:
+            stored, old_key = None, None
+            log(f"recomputing {metrics_path}: it cannot be read ({err})")
+        if stored is not None:
+            if not isinstance(old_key, dict) or "digest" not in old_key:
+                log(f"recomputing {metrics_path}: no evaluation key recorded (written by an older emclip)")
+            elif old_key["digest"] == key["digest"] or not key_changes(old_key, key):
+                metrics = stored
+                log(f"reusing {metrics_path}: same checkpoint, arguments, cohort and prompts")
+            else:
+                log(f"recomputing {metrics_path}: " + "; ".join(key_changes(old_key, key)))
+    if metrics is None:
+        metrics_path.unlink(missing_ok=True)   # a failed recomputation must not leave the old metrics to be reused
+        emb = embed_run(run, model=model, cfg=cfg, cohort=cohort, cache_key=feature_key)   # one model, one cohort
+        emb.save(run / "embeddings.npz")
+        with torch.no_grad():
+            prompts = prompt_classes(cohort)
+            classes = resolve_prompts(prompts, emb.diagnosis).classes
+            metrics = evaluate(emb, model.encode_text, model.logit_scale, target, classes=prompts,
+                               split=split, n_boot=n_boot, topj=topj, figures=figures, name=run.name,
+                               supervised=supervised_bound(model, cfg, cohort, emb, classes, split, feature_key))
+        metrics["evaluation_key"] = key
+        write_text_atomic(metrics_path, _dumps(metrics))
+    if out is not None and Path(out).resolve() != target.resolve():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        for f in target.iterdir():
+            shutil.copy2(f, Path(out) / f.name)
+    return metrics

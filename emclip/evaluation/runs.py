@@ -1,0 +1,110 @@
+"""A trained run as evaluation sees it: its verified checkpoint, its model, its cohort's embeddings, its prompts and
+the supervised bound on its cached features (``evaluation.cached.evaluate_run`` puts them together)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..data import BagDataset, ImageTransform, collate_bags
+from ..paths import resolve, write_text_atomic
+from ..train.cache import build_feature_cache
+from ..train.checkpoint import load_model_weights, resolve_checkpoint
+from ..train.config import TrainConfig
+from ..train.loop import build_run_model
+from ..train.runinfo import load_run_cohort
+from ..train.text_cache import CachedTextModel, TextFeatures
+from . import bounds
+from .embeddings import Embeddings, default_device, embed_cohort
+from .zeroshot import load_prompts, prompts_from_diagnoses
+
+__all__ = ["prompt_classes", "run_checkpoint", "load_run_model", "embed_run", "supervised_bound"]
+
+
+def prompt_classes(cohort):
+    """The bundled renal prompts when they cover the cohort's diagnoses. When they cover only some, the cohort's
+    classes keep the curated synonyms and templates of those they share, and a warning names the others (they are
+    prompted by their name alone); with none shared, the classes and generic templates come from the cohort."""
+    renal = load_prompts("renal_em")
+    dx = {str(d) for d in cohort.reports.diagnosis.dropna()}
+    if dx and dx <= set(renal.classes):
+        return renal
+    shared = dx & set(renal.classes)
+    if not shared:
+        return None
+    others = sorted(dx - shared)
+    warnings.warn(f"zero-shot prompts: {len(others)} diagnosis value(s) are not among the bundled renal classes and "
+                  f"are prompted by name only: {', '.join(repr(o) for o in others)}", UserWarning, stacklevel=2)
+    return prompts_from_diagnoses(dx, known=renal, templates=renal.templates)
+
+
+def run_checkpoint(run_dir: str | Path, checkpoint: str = "best") -> Path:
+    """The checkpoint folder ``load_run_model`` reads, verified: ``best`` (or ``latest``, or a step folder's name);
+    a missing or damaged one is an error or a named substitute, never a silent one."""
+    return resolve_checkpoint(resolve(run_dir) / "checkpoints", checkpoint, log=print)
+
+
+def load_run_model(run_dir: str | Path, checkpoint: str | Path = "best", device: str | torch.device | None = None):
+    """The trained model of a run (its verified ``best`` checkpoint, see :func:`run_checkpoint`, or a checkpoint
+    folder that caller resolved with it) and its config, on ``device`` (default: the accelerator when one is present,
+    else the CPU)."""
+    run = resolve(run_dir)
+    cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
+    model = build_run_model(cfg)
+    ckpt = checkpoint if isinstance(checkpoint, Path) else run_checkpoint(run, checkpoint)
+    load_model_weights(model, ckpt, verify=False)   # run_checkpoint has verified it
+    return model.to(device if device is not None else default_device()).eval(), cfg
+
+
+def embed_run(run_dir: str | Path, batch_size: int = 32, model=None, cfg: TrainConfig | None = None,
+              cohort=None, cache_key: str | None = None) -> Embeddings:
+    """Embed every patient of the run's cohort with its best model (cached trunk features in cache mode).
+
+    ``model``, ``cfg`` and ``cohort`` (and the feature ``cache_key``) may be passed when the caller already has them."""
+    if model is None or cfg is None:
+        model, cfg = load_run_model(run_dir)
+    cohort = cohort if cohort is not None else load_run_cohort(cfg)
+    if cfg.mode == "cache":
+        cache = build_feature_cache(model, cohort, cfg.cache_path, key=cache_key)
+        ds = BagDataset(cohort, None, features=cache.features, feature_zoom=cache.zoom)
+    else:
+        ds = BagDataset(cohort, None, transform=ImageTransform.from_preprocess(model.preprocess))
+    loader = DataLoader(ds, batch_size=batch_size, collate_fn=collate_bags)
+    splits = dict(zip(cohort.reports.patient_id, cohort.reports.split))
+    if cfg.lock_text:   # the frozen text transformer's report features are cached like the image features
+        model = CachedTextModel(model, TextFeatures.build(model, cohort, cfg.eval_batch_size, cfg.cache_path))
+    emb = embed_cohort(model, loader, split=splits, meta={"run_dir": str(resolve(run_dir)), **cfg.to_dict(),
+                                                          "labels": cohort.summary()["labels"]})
+    return emb
+
+
+def supervised_bound(model, cfg: TrainConfig, cohort, emb: Embeddings, classes: list[str], split: str = "test",
+                     cache_key: str | None = None):
+    """The supervised MIL upper bound (``evaluation.bounds.supervised_mil``) on the run's cached trunk features.
+
+    It does not depend on the contrastive model, only on the features, labels and splits, so it is computed once
+    and kept in ``<cache_dir>/bounds/`` (every arm of an ablation shares it). None in end-to-end mode (no cache)."""
+    if cfg.mode != "cache":
+        return {"skipped": "end-to-end run: no cached trunk features"}
+    cache = build_feature_cache(model, cohort, cfg.cache_path, key=cache_key)
+    y = np.array([classes.index(d) if d in classes else -1 for d in emb.diagnosis])
+    key = hashlib.sha256(json.dumps([cache.path.name, split, classes, emb.patient_ids.tolist(), y.tolist(),
+                                     emb.split.tolist()]).encode() + Path(bounds.__file__).read_bytes())
+    out = cfg.cache_path / "bounds" / f"supervised_mil-{key.hexdigest()[:20]}.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    feats, scales = [], []
+    for pid in emb.patient_ids:
+        rows = cohort.bag(str(pid)).index.to_numpy()
+        feats.append(np.asarray(cache.features[rows], dtype=np.float32))
+        zoom = 1.0 if cache.zoom is None else np.asarray(cache.zoom[rows])
+        scales.append(cohort.images.nm_per_pixel.to_numpy()[rows] * zoom)
+    result = bounds.supervised_mil(feats, scales, y, emb.split, len(classes), emb.patient_ids, test_split=split)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, json.dumps(result))
+    return result

@@ -1,0 +1,107 @@
+"""The numbered notebooks run in order, the way ``make demo`` runs them: ``python -m emclip.run_notebooks [PARAMS]``.
+
+Each notebook executes with papermill into ``reports/<params>/`` (executed .ipynb, HTML, its wall time in
+``timings.json``), then an ``index.html`` links them. The reference parameter set also refreshes the small committed
+copy in ``reports/summary/`` (``SUMMARY_FILES``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from .paramsets import DEFAULT_PARAMS, load_params, report_dir
+from .paths import project_root
+from .reports import execute_notebook, write_index
+from .summary import conclusion
+
+__all__ = ["NOTEBOOKS", "SUMMARY_FILES", "run_all", "notebook_parameters", "index_summary", "refresh_summary", "main"]
+
+NOTEBOOKS = ("01_data_audit", "02_features", "03_train", "04_ablations", "05_evaluation")
+
+# what reports/summary/ keeps of the reference run: file in the report folder -> its name in the summary
+SUMMARY_FILES = {
+    **{name: name for name in ("ablation.md", "ablation.png", "timings.json", "audit_overview.png",
+                               "features_pca_by_scale.png", "cohort_grid.png")},
+    "metrics.json": "ablation_metrics.json",   # 04's numbers; 05's metrics.json is evaluation_metrics.json
+    **{f"evaluation/{name}": f"evaluation_{name}" for name in (
+        "roc.png", "confusion_matrix.png", "recall_at_k.png", "attention.png", "metrics.json", "by_scale.png",
+        "attention_by_scale.png", "embedding_map.png", "prompt_similarity.png")},
+}
+
+
+def notebook_parameters(name: str, params: str, out: Path | None) -> dict:
+    """Papermill parameters of one notebook: the parameter set, and with a custom ``out`` the report folder (03
+    writes into its run folder only; 05 into ``out/evaluation``, as it does under ``reports/<params>/``)."""
+    parameters = {"params": params}
+    if out is not None and name != "03_train":
+        parameters["report_dir"] = str(out / "evaluation" if name == "05_evaluation" else out)
+    return parameters
+
+
+def run_all(params: str = DEFAULT_PARAMS, notebooks=NOTEBOOKS, summary: bool = True, out: str | Path | None = None,
+            show_code: bool = False, execute: Callable = execute_notebook, summary_dir: str | Path | None = None,
+            log=print) -> Path:
+    """Execute ``notebooks`` in order with ``params`` into ``reports/<params>/`` (or ``out``): executed .ipynb,
+    .html (code hidden unless ``show_code``), the total wall time added to ``timings.json`` and an ``index.html``.
+
+    With ``summary`` and the reference parameter set, ``refresh_summary`` copies the reader-facing results into
+    ``summary_dir`` (default ``reports/summary/``). ``execute`` runs one notebook (``reports.execute_notebook``).
+    """
+    folder = Path(out) if out is not None else report_dir(params)
+    name = load_params(params)["name"]
+    start = time.perf_counter()
+    for notebook in notebooks:
+        t0 = time.perf_counter()
+        log(f"[{time.perf_counter() - start:6.0f} s] executing {notebook} ...")
+        execute(notebook, folder, notebook_parameters(notebook, params, None if out is None else folder),
+                show_code=show_code)
+        log(f"[{time.perf_counter() - start:6.0f} s] {notebook} done in {time.perf_counter() - t0:.0f} s")
+    total = time.perf_counter() - start
+    timings_path = folder / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    timings["total"] = round(total, 1)
+    timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+    if summary and name == DEFAULT_PARAMS:
+        refresh_summary(folder, summary_dir)
+    write_index(folder, f"emclip · {name} run", index_summary(folder))
+    log(f"all notebooks done in {total:.0f} s; reports in {folder} (open {folder / 'index.html'})")
+    return folder
+
+
+def index_summary(out: Path) -> str:
+    """The headline of a run for its index page: the evaluation's conclusion sentence, if there is one."""
+    path = Path(out) / "evaluation" / "metrics.json"
+    if not path.exists():
+        return ""
+    return f"<p>{conclusion(json.loads(path.read_text()), html=True)}</p>"
+
+
+def refresh_summary(out: str | Path, dest: str | Path | None = None) -> list[Path]:
+    """Copy the ``SUMMARY_FILES`` present in ``out`` into ``dest`` (default: the committed ``reports/summary/``);
+    returns the files written."""
+    out, dest = Path(out), Path(dest) if dest is not None else project_root() / "reports" / "summary"
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for source, target in SUMMARY_FILES.items():
+        if (out / source).exists():
+            written.append(Path(shutil.copy2(out / source, dest / target)))
+    return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m emclip.run_notebooks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("params", nargs="?", default=DEFAULT_PARAMS,
+                        help=f"parameter set: a name in params/ or a YAML path (default {DEFAULT_PARAMS})")
+    parser.add_argument("--out", help="report folder (default reports/<params>/)")
+    parser.add_argument("--show-code", action="store_true", help="keep the code cells in the HTML reports")
+    args = parser.parse_args(argv)
+    run_all(args.params, out=args.out, show_code=args.show_code, log=lambda line: print(line, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

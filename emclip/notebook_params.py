@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import inspect
 
+from .paramsets import SECTIONS
 from .paths import project_root
 
 # what IPython itself puts in a notebook's namespace
 _IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "open"})
-PARAMETER_SET_KEYS = frozenset({"name", "data", "train", "ablations", "evaluation", "study"})
+# the sections of a parameter set (and the data: section older sets had), which `papermill -f` would inject
+PARAMETER_SET_KEYS = frozenset(SECTIONS) | {"data"}
 
 
 def declared_parameters(notebook: str) -> list[str]:

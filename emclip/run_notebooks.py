@@ -52,7 +52,7 @@ def run_all(params: str = DEFAULT_PARAMS, notebooks=NOTEBOOKS, summary: bool = T
     ``summary_dir`` (default ``reports/summary/``). ``execute`` runs one notebook (``reports.execute_notebook``).
     """
     folder = Path(out) if out is not None else report_dir(params)
-    name = load_params(params)["name"]
+    name = load_params(params).name
     start = time.perf_counter()
     for notebook in notebooks:
         t0 = time.perf_counter()

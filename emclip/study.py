@@ -121,23 +121,20 @@ def run_study(params: str = "study", log=print, runs_root: str | Path | None = N
     """Run the three stages; runs go to ``runs/<name>``, the report to ``reports/<name>`` and a copy of it to
     ``reports/summary/<name>`` unless other folders are given."""
     P = load_params(params)
-    name = P["name"]
-    base = load_config(params)
-    ev = P.get("evaluation", {})
-    n_boot, topj = int(ev.get("bootstrap", 1000)), (1, int(ev.get("top_j", 3)))
-    workers = int((P.get("study") or {}).get("workers", 1))
+    name, base = P.name, P.train
+    n_boot, topj, workers = P.evaluation.bootstrap, P.evaluation.topj, P.study.workers
     root = Path(runs_root) if runs_root else resolve(f"runs/{name}")
     out = Path(out) if out else project_root() / "reports" / name
     out.mkdir(parents=True, exist_ok=True)
     default_arm = ablation.Arm(base.scale_mode, base.aggregator, True, base.seed, base.scale_attention)
     timings, start, trained = {}, time.perf_counter(), [0]
 
-    arms = ablation.grid(P.get("ablations", {}), base.to_dict())
+    arms = ablation.grid(P.ablations, base.to_dict())
     _prepare_shared(params, [base.seed] + [a.seed for a in arms], log)
 
     # 1. hyper-parameters on validation
     chosen, hp_rows = {}, []
-    for key, values in (P.get("hp_search") or {}).items():
+    for key, values in P.hp_search.items():
         log(f"hyper-parameter {key}: {values} (validation, {default_arm.variant}, seed {base.seed})")
         pair = (default_arm, default_arm.partner())
         jobs = [(params, arm, root / "hp" / f"{key}={value}" / arm.name, n_boot, topj, {**chosen, key: value}, 0)

@@ -82,3 +82,16 @@ def test_every_notebook_checks_its_parameters_first():
         cells = json.loads(path.read_text())["cells"]
         first = next(i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", []))
         assert f'pipeline.check_parameters(globals(), "{path.stem}")' in "".join(cells[first + 1]["source"]), path
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_reads_every_line_of_the_parameters_cell(notebook):
+    """papermill skips a parameter it cannot parse (an '=' in its comment is enough), and that parameter is then
+    refused when given: every assignment in the cell must be one papermill knows."""
+    import re
+    import nbformat
+    from emclip.notebook_params import declared_parameters
+    nb = nbformat.read(notebook, 4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assigned = re.findall(r"^(\w+)\s*=", cell.source, flags=re.M)
+    assert assigned == declared_parameters(notebook.stem)

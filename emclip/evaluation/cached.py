@@ -22,6 +22,7 @@ from ..train.config import TrainConfig
 from ..train.runinfo import load_run_cohort
 from .report import SCHEMA_VERSION, _dumps, evaluate
 from .runs import embed_run, load_run_model, prompt_classes, run_checkpoint, supervised_bound
+from .settings import DEFAULT_EVALUATION
 from .zeroshot import resolve_prompts
 
 __all__ = ["evaluation_key", "key_changes", "evaluate_run"]
@@ -102,7 +103,8 @@ def key_changes(old: dict, new: dict) -> list[str]:
     return changes
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", n_boot: int = 1000, topj=(1, 3), out: str | Path | None = None,
+def evaluate_run(run_dir: str | Path, split: str = DEFAULT_EVALUATION.split, n_boot: int = DEFAULT_EVALUATION.bootstrap,
+                 topj=DEFAULT_EVALUATION.topj, out: str | Path | None = None,
                  figures: bool = True, reuse: bool = True, name: str = "eval", log=print) -> dict:
     """Full evaluation protocol of a trained run on ``split``: writes ``<run>/<name>/metrics.json`` and figures.
 

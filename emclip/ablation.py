@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 
 from .evaluation.pairs import pair_name
+from .model.aggregators import DEFAULT_AGGREGATOR
+from .model.scale import DEFAULT_SCALE_MODE
 from .metrics import balanced_accuracy, bootstrap_difference
 
 HEADLINE = "zero-shot bal. acc."
@@ -28,30 +30,21 @@ HEADLINE = "zero-shot bal. acc."
 
 @dataclass(frozen=True)
 class Arm:
-    scale_mode: str = "film"
-    aggregator: str = "gated_attention"
+    """One run of the grid: the training keys an ablation varies (their defaults are the training defaults)."""
+    scale_mode: str = DEFAULT_SCALE_MODE
+    aggregator: str = DEFAULT_AGGREGATOR
     scale_embed: bool = True
     seed: int = 0
     scale_attention: bool = False
 
-    @property
-    def variant(self) -> str:
-        """Mode and aggregator, without awareness or seed: what an aware arm is compared within."""
-        return f"{self.mode_label}-{self.aggregator}"
-
-    @property
-    def mode_label(self) -> str:
-        """The scale mode, with ``+attn`` when the scale also conditions the attention scorer."""
-        return f"{self.scale_mode}{'+attn' if self.scale_attention else ''}"
-
-    @property
-    def group(self) -> str:
-        """The arm without its seed."""
-        return f"{self.variant}-{'aware' if self.scale_embed else 'blind'}"
-
-    @property
-    def name(self) -> str:
-        return f"{self.group}-s{self.seed}"
+    # names for tables and folders, derived from the fields (never parsed back: runs record their arm in config.json)
+    mode_label = property(lambda self: self.scale_mode + ("+attn" if self.scale_attention else ""),
+                          doc="the scale mode, with +attn when the scale also conditions the attention scorer")
+    variant = property(lambda self: f"{self.mode_label}-{self.aggregator}",
+                       doc="mode and aggregator, without awareness or seed: what an aware arm is compared within")
+    group = property(lambda self: f"{self.variant}-{'aware' if self.scale_embed else 'blind'}",
+                     doc="the arm without its seed")
+    name = property(lambda self: f"{self.group}-s{self.seed}", doc="the arm's run folder name")
 
     def overrides(self) -> dict:
         return asdict(self)

@@ -75,6 +75,21 @@ def test_kill_between_step_and_best_copy_loses_no_best(tiny_cohort, cache, tmp_p
     assert best_checkpoint(root) == root / "best"
 
 
+@pytest.mark.parametrize("select_on,best_epoch", [("val_recall", 2), ("val_loss", 3)])
+def test_best_is_the_epoch_with_the_best_validation_score(tiny_cohort, cache, tmp_path, monkeypatch, select_on,
+                                                          best_epoch):
+    """best/ holds the epoch that scored best on what ``select_on`` names; recall and loss disagree on purpose
+    (recall peaks at epoch 2, loss is lowest at epoch 3), and a later tie does not replace the best."""
+    scripted = iter([(2.0, 0.30), (1.9, 0.60), (1.5, 0.40), (1.6, 0.60)])   # (val loss, val recall) per epoch
+    monkeypatch.setattr(loop._Trainer, "validate", lambda self, loader: next(scripted))
+    run = tmp_path / "run"
+    summary = train(_cfg(tiny_cohort, run, cache, epochs=4, select_on=select_on))
+    root = run / "checkpoints"
+    assert _meta(root / "best")["step"] == 3 * best_epoch == _meta(latest_checkpoint(root))["best_step"]
+    assert summary["best_val_loss"] == 1.5 and summary["select_on"] == select_on
+    assert best_checkpoint(root) == root / "best"
+
+
 def test_the_recorded_best_step_is_not_pruned_until_best_holds_it(tmp_path):
     torch.manual_seed(0)
     model = build_model("tiny", lock_image=True, lock_text=True)

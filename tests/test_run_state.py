@@ -264,6 +264,30 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_one(tiny_cohort, ca
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def _fake_checkpoint(root: Path, step: int) -> Path:
+    """A step folder checkpoint_problem accepts (a checkpoint from before checksums: files present, header parses)."""
+    from safetensors.numpy import save_file
+    ckpt = root / f"step_{step:06d}"
+    ckpt.mkdir(parents=True)
+    save_file({"w": np.full(2, step, dtype=np.float32)}, str(ckpt / "model.safetensors"))
+    (ckpt / "state.pt").write_bytes(b"state")
+    (ckpt / "meta.json").write_text(json.dumps({"step": step}))
+    return ckpt
+
+
+def test_resume_takes_the_newest_intact_checkpoint_not_the_oldest(tmp_path):
+    from emclip.train.checkpoint import find_checkpoint
+    root = tmp_path / "checkpoints"
+    steps = [_fake_checkpoint(root, k) for k in (1, 2, 3, 4)]
+    assert find_checkpoint(root) == (steps[3], [])                       # no latest pointer: the newest
+    (root / "latest").write_text("step_000004\n")
+    (steps[3] / "model.safetensors").unlink()                             # the newest is damaged
+    found, damaged = find_checkpoint(root)
+    assert found == steps[2] and [p for p, _ in damaged] == [steps[3]]  # the one before it, not step 1
+    (root / "latest").write_text("step_000002\n")                       # latest names an older step: it wins
+    assert find_checkpoint(root)[0] == steps[1]
+
+
 def test_damaged_only_checkpoint_is_a_clear_error_naming_it(tiny_cohort, cache, tmp_path):
     run, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
     train(_cfg(tiny_cohort, run, cache, max_steps=1))

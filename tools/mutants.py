@@ -65,8 +65,8 @@ def copy_tracked(dest: Path) -> None:
 
 def failing_tests(output: str) -> list[str]:
     """Node ids of the failed tests in pytest's short summary (``-ra``), without the parameter id's message."""
-    return [line.split()[1] for line in output.splitlines() if line.startswith(("FAILED ", "ERROR ")) and
-            len(line.split()) > 1]
+    return [line.split(" ", 1)[1].split(" - ", 1)[0] for line in output.splitlines()
+            if line.startswith(("FAILED ", "ERROR ")) and " " in line]
 
 
 def run_pytest(root: Path, tests: list[str], timeout: float) -> tuple[str, float, str]:

@@ -54,6 +54,19 @@ def test_feature_mode(cohort):
     torch.testing.assert_close(batch["features"][0, 0], torch.from_numpy(feats[first]))
 
 
+def test_cached_features_carry_the_effective_scale(cohort):
+    """A cached image was resized by its zoom: the model must see nm/px x zoom (a 2048 px image read at 224 px is
+    ~9x coarser per pixel), while nm_per_pixel keeps the file's own value."""
+    feats = np.zeros((len(cohort.images), 3), dtype=np.float32)
+    zoom = np.linspace(1.0, 9.0, len(cohort.images)).astype(np.float32)
+    item = BagDataset(cohort, "val", features=feats, feature_zoom=zoom)[0]
+    rows = item["image_index"].numpy()
+    expected = cohort.images.nm_per_pixel.to_numpy()[rows] * zoom[rows]
+    np.testing.assert_allclose(item["scales"].numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(item["nm_per_pixel"].numpy(), cohort.images.nm_per_pixel.to_numpy()[rows], rtol=1e-6)
+    assert not np.allclose(item["scales"].numpy(), item["nm_per_pixel"].numpy())
+
+
 def test_empty_bag_and_bad_arguments_raise(cohort):
     item = BagDataset(cohort, "train", transform=ImageTransform(32))[0]
     empty = dict(item, images=item["images"][:0], scales=item["scales"][:0], nm_per_pixel=item["nm_per_pixel"][:0],

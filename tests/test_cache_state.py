@@ -238,6 +238,20 @@ FEATURE_DAMAGE = ["features truncated", "zoom zero bytes", "features deleted", "
                   "meta wrong dim", "features header garbage", "folder is a file"]
 
 
+def test_a_cache_recorded_under_another_key_is_stale(tiny_model, cohort, feature_reference, tmp_path):
+    """The folder name is not trusted: a cache whose meta.json records another key (a folder copied or renamed from
+    another trunk, preprocessing or set of images) is refused as stale, even with every file intact."""
+    from emclip.train.cache import feature_cache_key
+    root, name, _, _ = feature_reference
+    key = feature_cache_key(tiny_model, cohort)
+    assert name == key and check_cache(root / name, key, len(cohort.images)) == (True, "ok")
+    other = "0" * len(key)
+    shutil.copytree(root / name, tmp_path / other)
+    usable, why = check_cache(tmp_path / other, other, len(cohort.images))
+    assert not usable and why.startswith("stale")
+    assert check_cache(root / name, key, len(cohort.images) + 1)[0] is False      # another number of images
+
+
 @pytest.mark.parametrize("kind", FEATURE_DAMAGE)
 def test_damaged_feature_cache_is_rebuilt_with_a_message(tiny_model, cohort, feature_reference, tmp_path, kind):
     src, name, reference, zoom = feature_reference

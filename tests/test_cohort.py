@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -198,6 +199,21 @@ def test_seeded_stratified_split_without_split_column(cohort_copy):
     assert list(a.reports.split) == list(b.reports.split)
     assert list(a.reports.split) != list(c.reports.split)
     assert set(a.reports.split) <= {"train", "val", "test"}
+
+
+def test_seeded_split_is_70_15_15_by_patient_stratified_and_order_free():
+    from emclip.data.splits import assign_splits
+    ids = [f"P{i:03d}" for i in range(200)]
+    dx = ["normal" if i % 4 else "amyloidosis" for i in range(200)]          # 150 normal, 50 amyloidosis
+    split = assign_splits(ids, dx, seed=7)
+    assert sorted(split) == ids
+    counts = {s: sum(v == s for v in split.values()) for s in ("train", "val", "test")}
+    assert counts == {"train": 140, "val": 30, "test": 30}
+    rare = [split[p] for p, d in zip(ids, dx) if d == "amyloidosis"]
+    assert abs(rare.count("test") - 7.5) <= 1 and abs(rare.count("val") - 7.5) <= 1   # each diagnosis spread
+    shuffled = np.random.default_rng(0).permutation(200)
+    assert assign_splits([ids[i] for i in shuffled], [dx[i] for i in shuffled], seed=7) == split
+    assert assign_splits(ids, dx, seed=8) != split
 
 
 def test_parquet_tables(cohort_copy):

@@ -139,6 +139,21 @@ def test_linear_probe_recovers_signal():
     assert len(r['per_seed']) == 5 and r['refit'] == 'train+val'
 
 
+def test_linear_probe_never_sees_the_test_labels():
+    """Split hygiene: the probe's choice of C, its validation scores and its fitted model depend on train and
+    validation only. Relabelling the test patients changes the test scores and nothing else."""
+    x_tr, y_tr, x_va, y_va, x_te, y_te = _probe_data(1)
+    cs = (0.01, 0.1, 1.0, 10.0)
+    honest = linear_probe(x_tr, y_tr, x_va, y_va, x_te, y_te, n_classes=3, cs=cs, seeds=(0, 1))
+    relabelled = linear_probe(x_tr, y_tr, x_va, y_va, x_te, np.random.default_rng(5).permutation(y_te),
+                              n_classes=3, cs=cs, seeds=(0, 1))
+    for a, b in zip(honest['per_seed'], relabelled['per_seed']):
+        assert {k: v for k, v in a.items() if not k.startswith('test_')} == \
+            {k: v for k, v in b.items() if not k.startswith('test_')}
+    assert honest['n_train'] + honest['n_val'] == len(y_tr) + len(y_va) and honest['n_test'] == len(y_te)
+    assert honest['test_roc_auc_macro_ovr']['mean'] > 0.9 > relabelled['test_roc_auc_macro_ovr']['mean']
+
+
 def test_linear_probe_selection_survives_saturated_auc():
     # unit-norm, well separated, imbalanced classes: validation AUC is 1.0 for every C, but at C=1e-3 the
     # unpenalised intercept wins and every patient gets the majority class; selecting on AUC would keep that model

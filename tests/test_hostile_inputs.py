@@ -188,6 +188,27 @@ def test_the_train_cli_prints_refusals_as_one_line(tmp_path, capsys):
     assert "a data_dir you name is never generated into" in err
 
 
+def test_a_misspelt_training_parameter_is_refused_naming_it(tmp_path):
+    """In an override and in a parameter file: refused with the name, never silently ignored."""
+    with pytest.raises(ValueError, match=r"unknown training parameter\(s\): scale_embedd; known: .*scale_embed"):
+        load_config("ci", {"scale_embedd": False})
+    params = tmp_path / "mine.yaml"
+    params.write_text("train:\n  model: tiny\n  epochz: 3\n")
+    with pytest.raises(ValueError, match=r"unknown training parameter\(s\): epochz"):
+        load_config(params)
+
+
+@pytest.mark.parametrize("text,value", [("false", False), ("False", False), (" no ", False), ("0", False),
+                                        ("off", False), ("true", True), ("yes", True), ("1", True)])
+def test_papermill_strings_for_booleans_mean_what_they_say(text, value):
+    """papermill's ``-p scale_embed false`` passes the string "false", which Python reads as true."""
+    cfg = load_config("ci", {"scale_embed": text, "scale_attention": "false", "epochs": "3", "lr": "0.01"})
+    assert cfg.scale_embed is value and cfg.scale_attention is False
+    assert cfg.epochs == 3 and cfg.lr == 0.01
+    with pytest.raises(ValueError, match=r"scale_embed='maybe' is not a valid bool"):
+        load_config("ci", {"scale_embed": "maybe"})
+
+
 def test_a_diagnosis_outside_the_bundled_classes_keeps_the_renal_prompts_for_the_rest_with_a_warning():
     from types import SimpleNamespace
     from emclip.evaluation import load_prompts

@@ -47,6 +47,9 @@ def values(labeler: Labeler, text: str) -> dict:
     ("Findings consistent with membranous nephropathy.", {"membranous nephropathy": 1}),
     ("?Fabry disease", {"Fabry disease": -1}),
     ("Deposits: none.", {"electron-dense deposits": 0}),
+    # a negation and an uncertainty cue both cover the mention: uncertainty outranks negation (CheXpert's rule)
+    ("No amyloid is suspected.", {"amyloidosis": -1}),
+    ("No deposits are suspected.", {"electron-dense deposits": -1}),
 ])
 def test_negation_and_uncertainty_scope(renal, text, expected):
     got = values(renal, text)

@@ -98,6 +98,15 @@ def test_phi_scan_keeps_its_table():
     assert empty.empty and list(empty.columns) == ["patient_id", "pattern", "match"]
 
 
+def test_phi_scan_lists_every_match_not_the_first_of_each_kind():
+    text = ("Biopsy 2023-03-14, reviewed 2023-04-02 and again on 2023-05-30. Call 555-123-4567 or 555-987-6543; "
+            "copy to a.smith@example.org and j.doe@example.org.")
+    table = audit.phi_scan(pd.DataFrame({"patient_id": ["p1"], "report": [text]}))
+    found = {kind: sorted(table.match[table.pattern == kind]) for kind in ("date", "phone", "email")}
+    assert found == {"date": ["2023-03-14", "2023-04-02", "2023-05-30"], "phone": ["555-123-4567", "555-987-6543"],
+                     "email": ["a.smith@example.org", "j.doe@example.org"]}
+
+
 def test_scorer_counts_misses_and_false_alarms():
     cases = [{"id": "a", "text": "Dr. Smith on 1/2/2023.", "phi": [{"kind": "name", "text": "Smith"},
                                                                      {"kind": "date", "text": "1/2/2023"}]},

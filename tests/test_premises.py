@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from emclip.evaluation import Embeddings
-from emclip.evaluation.retrieval import image_image_retrieval
+from emclip.evaluation.retrieval import image_image_retrieval, patient_report_retrieval
 from emclip.synthetic.cohort import render_image
 from emclip.synthetic.specs import load_specs, sample_patient
 
@@ -50,6 +50,18 @@ def test_image_retrieval_excludes_the_query_patients_own_images():
     result = image_image_retrieval(emb)
     by_query = dict(zip(result.query_index.tolist(), result.ranks.tolist()))
     assert by_query[0] == 2 and by_query[1] == 2     # C ranked after B only; A's own image is not in the gallery
+
+
+def test_patient_to_report_and_report_to_patient_are_the_two_directions():
+    # scores[i, j] = patient i . report j; report 0 is a hub close to every patient. Patients 1 and 2 then find the
+    # hub before their own report (rank 2), while every report still finds its own patient first (rank 1).
+    scores = np.array([[1.0, 0.0, 0.0], [0.9, 0.5, 0.0], [0.9, 0.0, 0.5]], dtype=np.float32)
+    emb = Embeddings(patient_ids=["A", "B", "C"], split=["test"] * 3, diagnosis=np.array(["x", "y", "z"], object),
+                     patient=np.eye(3, dtype=np.float32), report=scores.T.copy(), image=np.eye(3, dtype=np.float32),
+                     image_patient=np.arange(3), image_paths=[f"i{k}.tif" for k in range(3)],
+                     image_scales=np.ones(3), image_attention=np.full(3, np.nan))
+    ranks = {r.name: r.ranks.tolist() for r in patient_report_retrieval(emb)}
+    assert ranks == {"report_to_patient": [1, 1, 1], "patient_to_report": [1, 2, 2]}
 
 
 def test_evaluation_runs_on_the_accelerator_when_one_is_present(monkeypatch):

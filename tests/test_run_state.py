@@ -76,6 +76,21 @@ def test_kill_between_step_and_best_copy_loses_no_best(tiny_cohort, cache, tmp_p
     assert best_checkpoint(root) == root / "best"
 
 
+@pytest.mark.parametrize("select_on,best_epoch", [("val_recall", 2), ("val_loss", 3)])
+def test_best_is_the_epoch_with_the_best_validation_score(tiny_cohort, cache, tmp_path, monkeypatch, select_on,
+                                                          best_epoch):
+    """best/ holds the epoch that scored best on what ``select_on`` names; recall and loss disagree on purpose
+    (recall peaks at epoch 2, loss is lowest at epoch 3), and a later tie does not replace the best."""
+    scripted = iter([(2.0, 0.30), (1.9, 0.60), (1.5, 0.40), (1.6, 0.60)])   # (val loss, val recall) per epoch
+    monkeypatch.setattr(loop._Trainer, "validate", lambda self, loader: next(scripted))
+    run = tmp_path / "run"
+    summary = train(_cfg(tiny_cohort, run, cache, epochs=4, select_on=select_on))
+    root = run / "checkpoints"
+    assert _meta(root / "best")["step"] == 3 * best_epoch == _meta(latest_checkpoint(root))["best_step"]
+    assert summary["best_val_loss"] == 1.5 and summary["select_on"] == select_on
+    assert best_checkpoint(root) == root / "best"
+
+
 def test_the_recorded_best_step_is_not_pruned_until_best_holds_it(tmp_path):
     torch.manual_seed(0)
     model = build_model("tiny", lock_image=True, lock_text=True)
@@ -248,6 +263,30 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_one(tiny_cohort, ca
     b = load_file(str(latest_checkpoint(three_steps / "checkpoints") / "model.safetensors"))
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _fake_checkpoint(root: Path, step: int) -> Path:
+    """A step folder checkpoint_problem accepts (a checkpoint from before checksums: files present, header parses)."""
+    from safetensors.numpy import save_file
+    ckpt = root / f"step_{step:06d}"
+    ckpt.mkdir(parents=True)
+    save_file({"w": np.full(2, step, dtype=np.float32)}, str(ckpt / "model.safetensors"))
+    (ckpt / "state.pt").write_bytes(b"state")
+    (ckpt / "meta.json").write_text(json.dumps({"step": step}))
+    return ckpt
+
+
+def test_resume_takes_the_newest_intact_checkpoint_not_the_oldest(tmp_path):
+    from emclip.train.checkpoint import find_checkpoint
+    root = tmp_path / "checkpoints"
+    steps = [_fake_checkpoint(root, k) for k in (1, 2, 3, 4)]
+    assert find_checkpoint(root) == (steps[3], [])                       # no latest pointer: the newest
+    (root / "latest").write_text("step_000004\n")
+    (steps[3] / "model.safetensors").unlink()                             # the newest is damaged
+    found, damaged = find_checkpoint(root)
+    assert found == steps[2] and [p for p, _ in damaged] == [steps[3]]  # the one before it, not step 1
+    (root / "latest").write_text("step_000002\n")                       # latest names an older step: it wins
+    assert find_checkpoint(root)[0] == steps[1]
 
 
 def test_damaged_only_checkpoint_is_a_clear_error_naming_it(tiny_cohort, cache, tmp_path):

@@ -78,6 +78,49 @@ def test_film_is_identity_then_modulates_per_scale():
     assert not torch.allclose(gain[0, 0], gain[0, 2]) and not torch.allclose(out, h)
 
 
+def test_the_scale_input_is_log_nm_per_px_over_the_cohort_range():
+    """u = log(nm/px) squashed so 2 and 100 nm/px land on -1 and 1: equal ratios are equal steps (2 -> 4 nm/px is
+    as far as 25 -> 50 nm/px), which is what makes a thin GBM at 10 nm/px comparable with a normal one at 20."""
+    from emclip.model.scale import LogScaleNorm
+    u = LogScaleNorm((2.0, 100.0))(torch.tensor([2.0, math.sqrt(200.0), 100.0, 4.0, 25.0, 50.0]))
+    assert torch.allclose(u[:3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-6)
+    step = 2 * math.log(2) / math.log(50)       # one doubling of nm/px; the half-width is log(100/2) / 2
+    assert float(u[3] - u[0]) == pytest.approx(step, abs=1e-6) and float(u[5] - u[4]) == pytest.approx(step, abs=1e-6)
+
+
+@pytest.mark.parametrize('mode', FEATURE_MODES)
+def test_the_blind_arm_ignores_the_scale_whatever_its_weights(mode):
+    """Blind means blind after training too: with every weight moved, changing the images' nm/px changes nothing,
+    while the aware arm with the same perturbation reads the same features differently."""
+    blind, aware = _tiny(scale_embed=False, scale_mode=mode), _tiny(scale_embed=True, scale_mode=mode)
+    assert blind.scale_embed is None or sum(p.numel() for p in blind.scale_embed.parameters()) == 0
+    feats, scales, mask = _bags()
+    for model in (blind, aware):
+        torch.manual_seed(1)
+        _perturb(model)
+    with torch.no_grad():
+        b1, b2 = (blind.encode_bags(s, mask, features=feats).patient for s in (scales, scales * 7))
+        a1, a2 = (aware.encode_bags(s, mask, features=feats).patient for s in (scales, scales * 7))
+    assert torch.equal(b1, b2)
+    assert not torch.allclose(a1, a2, atol=1e-5)
+
+
+@pytest.mark.parametrize('mode', FEATURE_MODES)
+def test_scale_attention_weighs_images_by_their_scale(mode):
+    """scale_attention: the scale enters the gated-attention scorer itself. Its own embedding, once learnt, moves
+    the attention weights and leaves the per-image embeddings as they were."""
+    model = _tiny(scale_embed=True, scale_mode=mode, aggregator='gated_attention', scale_attention=True)
+    feats, scales, mask = _bags()
+    with torch.no_grad():
+        before = model.encode_bags(scales, mask, features=feats)
+        torch.manual_seed(2)
+        _perturb(model.scale.embeds['attention'])
+        after = model.encode_bags(scales, mask, features=feats)
+    assert torch.equal(after.instances, before.instances)
+    assert not torch.allclose(after.attention, before.attention, atol=1e-5)
+    assert torch.allclose(after.attention.sum(1), torch.ones(len(feats)), atol=1e-5)   # still weights per bag
+
+
 def test_unknown_mode_and_attention_without_gated_attention_are_refused():
     with pytest.raises(ValueError, match='Unknown scale mode'):
         ScaleConditioning(8, {'mode': 'concat'})

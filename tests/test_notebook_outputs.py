@@ -40,7 +40,7 @@ def ci_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ci_notebooks")
     params = yaml.safe_load((REPO / "params" / "ci.yaml").read_text())
     params["name"] = "ci-notebook-outputs"
-    params["data"]["dir"] = params["train"]["data_dir"] = str(root / "cohort")
+    params["train"]["data_dir"] = str(root / "cohort")
     params["train"].update(run_dir=str(root / "runs" / "main"), cache_dir=str(root / "cache"))
     pfile = root / "ci-notebook-outputs.yaml"
     pfile.write_text(yaml.safe_dump(params))

@@ -23,6 +23,7 @@ import pandas as pd
 from .evaluation.pairs import pair_name
 from .model.aggregators import DEFAULT_AGGREGATOR
 from .model.scale import DEFAULT_SCALE_MODE
+from .paramsets import ABLATION_KEYS
 from .metrics import balanced_accuracy, bootstrap_difference
 
 HEADLINE = "zero-shot bal. acc."
@@ -88,10 +89,9 @@ def grid(spec: dict, defaults: dict | None = None) -> list[Arm]:
         v = spec.get(key, [defaults.get(default_key or key, getattr(Arm, default_key or key))])
         return list(v) if isinstance(v, (list, tuple)) else [v]
 
-    unknown = set(spec) - {"scale_mode", "aggregator", "scale_embed", "seeds", "scale_attention"}
+    unknown = set(spec) - set(ABLATION_KEYS)
     if unknown:
-        raise ValueError(f"unknown ablation key(s) {sorted(unknown)}; known: scale_mode, aggregator, scale_embed, "
-                         f"seeds, scale_attention")
+        raise ValueError(f"unknown ablation key(s) {sorted(unknown)}; known: {', '.join(ABLATION_KEYS)}")
     arms = []
     for mode, agg, attention, seed, aware in itertools.product(
             values("scale_mode"), values("aggregator"), values("scale_attention"), values("seeds", "seed"),

@@ -90,18 +90,9 @@ def load_params(params: str | None) -> ParamSet:
 def train_config(params: str | None, **given) -> TrainConfig:
     """The parameter set's training configuration with every notebook parameter that is not None applied; a
     notebook's ``overrides`` (``"key=value key=value"``, a list of them or a dict) sets any other training key."""
-    extra = given.pop("overrides", None)
-    values = _overrides(extra)
+    values = parse_overrides(given.pop("overrides", None))
     values.update({k: v for k, v in given.items() if v is not None})
     return load_config(params_file(params_name(params)), values)
-
-
-def _overrides(extra) -> dict:
-    if extra is None:
-        return {}
-    if isinstance(extra, str):
-        extra = extra.split()
-    return parse_overrides(extra)
 
 
 def report_dir(params: str | None, sub: str | None = None) -> Path:

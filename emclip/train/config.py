@@ -194,11 +194,14 @@ def _parse_value(text: str):
     return yaml.safe_load(text) if text.strip() else ""
 
 
-def parse_overrides(items: list[str] | dict | None) -> dict:
+def parse_overrides(items: str | list[str] | dict | None) -> dict:
+    """``key=value`` overrides as a dict: from a list of them, one space-separated string, or a dict."""
     if items is None:
         return {}
     if isinstance(items, dict):
         return dict(items)
+    if isinstance(items, str):
+        items = items.split()
     out = {}
     for item in items:
         if "=" not in item:

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -100,6 +103,51 @@ def grid(spec: dict, defaults: dict | None = None) -> list[Arm]:
             continue
         arms.append(Arm(str(mode), str(agg), bool(aware), int(seed), bool(attention)))
     return arms
+
+
+def default_parallel(n_arms: int) -> int:
+    """Arms trained at once by default: one per CPU core (at most 8). A cache-mode arm is small-matrix work that a
+    second thread barely speeds up, so on 2 cores two single-threaded arms finish sooner than one two-threaded."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n_arms, cores, 8))
+
+
+def train_arms(arms: list[Arm], params: str, report_root: str | Path, runs_root: str | Path,
+               parallel: int | None = None, log=print, **parameters) -> list[Path]:
+    """Train and evaluate every arm by executing ``03_train`` for it (report in ``report_root/<arm>``, run in
+    ``runs_root/<arm>``; finished runs resume to their stored results), ``parallel`` at a time.
+
+    With several at once each kernel gets ``cores // parallel`` threads (``OMP_NUM_THREADS``), so they do not
+    oversubscribe the CPU. Every arm is attempted; the first failure is raised after the others finish (a rerun
+    resumes what finished). ``parameters`` go to every arm's notebook (``epochs``, ``n_boot``, ``overrides``).
+    Returns the run folders in the order of ``arms``."""
+    from .reports import execute_notebook
+    parallel = default_parallel(len(arms)) if parallel is None else max(1, int(parallel))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = str(max(1, cores // parallel))
+    env = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")} if parallel > 1 else {}
+    runs = [Path(runs_root) / arm.name for arm in arms]
+    start = time.perf_counter()
+
+    def one(i: int) -> float:
+        t0 = time.perf_counter()
+        execute_notebook("03_train", Path(report_root) / arms[i].name,
+                         dict(params=params, run_dir=str(runs[i]), **parameters, **arms[i].overrides()), env=env)
+        seconds = time.perf_counter() - t0
+        log(f"[{time.perf_counter() - start:5.0f} s] {arms[i].name} done in {seconds:.0f} s")
+        return seconds
+
+    log(f"{len(arms)} arms, {parallel} at a time ({threads} thread(s) each)" if parallel > 1 else
+        f"{len(arms)} arms, one at a time")
+    with ThreadPoolExecutor(parallel) as pool:
+        futures = [pool.submit(one, i) for i in range(len(arms))]
+        errors = [f.exception() for f in futures]
+    failed = [(arm, e) for arm, e in zip(arms, errors) if e is not None]
+    if failed:
+        names = ", ".join(arm.name for arm, _ in failed)
+        raise RuntimeError(f"{len(failed)} of {len(arms)} arms failed ({names}); the first error follows, finished "
+                           f"arms are kept and a rerun resumes") from failed[0][1]
+    return runs
 
 
 def _fmt_ci(lo, hi) -> str:

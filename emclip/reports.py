@@ -15,7 +15,9 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from jupyter_client.manager import KernelManager
@@ -39,11 +41,18 @@ class QuietKernelManager(KernelManager):
 
     def __init__(self, **kwargs):
         kwargs.setdefault('transport', 'ipc')
+        if kwargs['transport'] == 'ipc' and 'ip' not in kwargs:
+            # a socket path of its own: kernels started at once from one process would otherwise race for the same
+            # default 'kernel-ipc-N' files and read each other's messages (invalid signatures)
+            kwargs['ip'] = os.path.join(tempfile.gettempdir(), f'emclip-kernel-{uuid.uuid4().hex[:12]}')
         super().__init__(**kwargs)
+
+    extra_env: dict = {}
 
     def start_kernel(self, **kwargs):
         env = dict(kwargs.pop('env', None) or os.environ)
         env['TQDM_DISABLE'] = '1'
+        env.update(self.extra_env)
         return super().start_kernel(env=env, **kwargs)
 
 
@@ -68,17 +77,20 @@ def project_kernel() -> str:
 
 
 def execute_notebook(name: str, out_dir: str | Path, parameters: dict | None = None, html_copy: bool = True,
-                     cwd: str | Path | None = None, show_code: bool = False) -> Path:
+                     cwd: str | Path | None = None, show_code: bool = False, env: dict | None = None) -> Path:
     """Run ``notebooks/<name>.ipynb`` with papermill into ``out_dir`` (+ an HTML copy); returns the output path and
-    records its wall time in ``out_dir/timings.json``."""
+    records its wall time in ``out_dir/timings.json``. ``env`` adds variables to the kernel's environment (e.g.
+    ``OMP_NUM_THREADS`` when several notebooks run at once)."""
     import papermill as pm
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     source = project_root() / 'notebooks' / f'{name}.ipynb'
     out = out_dir / f'{name}.ipynb'
+    # a subclass per call carries the extra variables: notebooks run from several threads share no state
+    manager = type('KernelManager', (QuietKernelManager,), {'extra_env': dict(env or {})})
     start = time.perf_counter()
     pm.execute_notebook(str(source), str(out), parameters=parameters or {}, cwd=str(cwd or source.parent),
-                        progress_bar=False, kernel_name=project_kernel(), kernel_manager_class=QuietKernelManager)
+                        progress_bar=False, kernel_name=project_kernel(), kernel_manager_class=manager)
     seconds = time.perf_counter() - start
     if html_copy:
         to_html(out, show_code=show_code)

@@ -360,6 +360,20 @@ def test_custom_vocabulary_file(tmp_path):
         load_vocab("no-such-vocab")
 
 
+def test_a_compiled_vocabulary_is_reused_until_one_of_its_files_changes(tmp_path):
+    """Compiling takes a second, so a process keeps it; an edit of the file or of a file it includes is seen."""
+    part = tmp_path / "part.yaml"
+    part.write_text("labels:\n  - name: part\n")
+    path = tmp_path / "main.yaml"
+    path.write_text("name: main\ninclude: [part.yaml]\nlabels:\n  - name: widget\n")
+    first = load_vocab(path)
+    assert load_vocab(str(path)) is first and set(first.labels) == {"widget", "part"}
+    path.write_text("name: main\ninclude: [part.yaml]\nlabels:\n  - name: gadget\n")
+    assert set(load_vocab(path).labels) == {"gadget", "part"}
+    part.write_text("labels:\n  - name: piece\n")
+    assert set(load_vocab(path).labels) == {"gadget", "piece"}
+
+
 def test_bundled_renal_vocab_covers_the_cohort_diagnoses(renal):
     cohort = ["normal", "thin basement membrane nephropathy", "diabetic nephropathy", "Alport syndrome",
               "minimal change disease", "membranous nephropathy", "IgA nephropathy", "lupus nephritis", "amyloidosis",

@@ -278,11 +278,39 @@ def resolve_vocab_path(vocab: str | Path) -> Path:
     return path
 
 
+# compiled vocabularies of this process: {path: (files read, their (size, mtime) when read, vocabulary)}
+_COMPILED: dict[Path, tuple[list[Path], list[tuple[int, int]], Vocabulary]] = {}
+
+
+def _file_stamps(files: list[Path]) -> list[tuple[int, int]]:
+    return [(f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
 def load_vocab(vocab: str | Path) -> Vocabulary:
-    """Load and compile a vocabulary by bundled name or path; raises VocabError naming the file and entry."""
-    path = resolve_vocab_path(vocab)
+    """Load and compile a vocabulary by bundled name or path; raises VocabError naming the file and entry.
+
+    Compiling takes about a second (hundreds of alternations), and training, evaluation and the labeler each ask for
+    it: the compiled vocabulary is kept for this process until one of its files changes size or mtime. Treat the
+    returned object as read-only."""
+    path = resolve_vocab_path(vocab).resolve()
+    if path in _COMPILED:
+        files, stamps, compiled = _COMPILED[path]
+        try:
+            if _file_stamps(files) == stamps:
+                return compiled
+        except OSError:
+            pass
+    files = [path]
+    compiled = _compile_vocab(path, files)
+    _COMPILED[path] = (files, _file_stamps(files), compiled)
+    return compiled
+
+
+def _compile_vocab(path: Path, files: list[Path]) -> Vocabulary:
+    """``load_vocab`` without the cache; appends every included file to ``files``."""
     data = _read_yaml(path)
     for inc in data.pop("include", []) or []:
+        files.append(path.parent / inc)
         data = _merge(data, _read_yaml(path.parent / inc))
     where = str(path)
     for k, v in (data.get("macros") or {}).items():

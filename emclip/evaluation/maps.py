@@ -61,6 +61,19 @@ def plot_attention_by_scale(block: dict):
     return fig
 
 
+def principal_components(x: np.ndarray, k: int = 2, seed: int = 0) -> np.ndarray:
+    """Scores [N, k] of the centred rows of ``x`` on their first ``k`` principal axes.
+
+    Randomised SVD (a few power iterations on a k + 10 dimensional subspace): a full SVD of 3,000 x 1,280 cached
+    features took 11 s in 02_features, this takes a fraction of a second and agrees on the leading components up to
+    sign."""
+    from sklearn.decomposition import PCA
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) <= k:
+        return np.zeros((len(x), k))
+    return PCA(n_components=k, svd_solver='randomized', random_state=seed).fit_transform(x)
+
+
 def _tsne(x: np.ndarray, seed: int) -> np.ndarray:
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits

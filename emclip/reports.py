@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -56,6 +57,8 @@ class QuietKernelManager(KernelManager):
         return super().start_kernel(env=env, **kwargs)
 
 
+_TIMINGS_LOCK = threading.Lock()
+
 PROJECT_KERNEL = 'emclip'   # registered by `make install` into the environment (ipykernel install --sys-prefix)
 
 
@@ -94,10 +97,11 @@ def execute_notebook(name: str, out_dir: str | Path, parameters: dict | None = N
     seconds = time.perf_counter() - start
     if html_copy:
         to_html(out, show_code=show_code)
-    timings = out_dir / 'timings.json'
-    data = json.loads(timings.read_text()) if timings.exists() else {}
-    data[name] = round(seconds, 1)
-    timings.write_text(json.dumps(data, indent=2) + '\n')
+    with _TIMINGS_LOCK:   # notebooks running at once (run_notebooks' stages) share one timings.json
+        timings = out_dir / 'timings.json'
+        data = json.loads(timings.read_text()) if timings.exists() else {}
+        data[name] = round(seconds, 1)
+        timings.write_text(json.dumps(data, indent=2) + '\n')
     return out
 
 

@@ -114,3 +114,25 @@ def test_key_changes_says_what_changed():
     assert key_changes({**old, "parts": {**old["parts"], "figures": False}},
                        {"parts": {**old["parts"], "figures": True}}) == ["figures changed False -> True"]
     assert key_changes({}, {"parts": {"n_boot": 5}}) == ["n_boot changed '<not recorded>' -> 5"]
+
+
+def test_the_frozen_digest_is_remembered_until_a_frozen_tensor_changes():
+    """Checkpoints record a digest of the frozen towers; it is hashed once, and again only after a write to them."""
+    import torch
+    from emclip.model import build_model
+    from emclip.train import checkpoint
+    model = build_model("tiny", lock_image=True)
+    calls = []
+    real = checkpoint.tensors_digest
+    checkpoint.tensors_digest = lambda items: calls.append(1) or real(items)
+    try:
+        first = checkpoint.frozen_digest(model)
+        assert checkpoint.frozen_digest(model) == first and len(calls) == 1
+        with torch.no_grad():
+            next(model.trunk.parameters()).mul_(2.0)      # in place: same storage, new version
+        assert checkpoint.frozen_digest(model) != first and len(calls) == 2
+        model.trunk.load_state_dict({k: v.clone() for k, v in model.trunk.state_dict().items()})
+        checkpoint.frozen_digest(model)
+        assert len(calls) == 3                              # loaded weights are hashed again
+    finally:
+        checkpoint.tensors_digest = real

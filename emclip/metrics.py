@@ -30,7 +30,8 @@ from scipy.stats import rankdata
 __all__ = [
     'retrieval_ranks', 'retrieval_ranks_from_embeddings', 'recall_at_k', 'recall_at_k_from_embeddings',
     'recall_from_ranks', 'median_rank', 'roc_auc_ovr', 'classification_metrics', 'headline_metrics',
-    'bootstrap_ci', 'paired_bootstrap', 'bootstrap_difference', 'HEADLINE_METRICS',
+    'bootstrap_ci', 'paired_bootstrap', 'bootstrap_difference', 'HEADLINE_METRICS', 'macro_auc',
+    'headline_metrics_weighted',
 ]
 
 DEFAULT_KS = (1, 5, 10, 50)
@@ -272,6 +273,68 @@ def headline_metrics(y_true, probabilities) -> dict[str, float]:
     return {k: out[k] for k in HEADLINE_METRICS}
 
 
+def _auc_weighted(y: np.ndarray, p: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """One-vs-rest AUC [B, C] of B resamples given as row multiplicities ``weights`` [B, n] (Mann-Whitney with
+    multiplicities: a tied negative counts half), NaN where a class has no positive or no negative."""
+    out = np.full((len(weights), p.shape[1]), np.nan)
+    for c in range(p.shape[1]):
+        order = np.argsort(p[:, c], kind='stable')
+        s = p[order, c]
+        starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])   # groups of tied scores
+        w = weights[:, order]
+        pos = y[order] == c
+        pos_sum = np.add.reduceat(w * pos, starts, axis=1)
+        neg_sum = np.add.reduceat(w * ~pos, starts, axis=1)
+        below = np.cumsum(neg_sum, axis=1) - neg_sum
+        n_pos, n_neg = pos_sum.sum(1), neg_sum.sum(1)
+        with np.errstate(invalid='ignore', divide='ignore'):
+            auc = (pos_sum * (below + 0.5 * neg_sum)).sum(1) / (n_pos * n_neg)
+        out[:, c] = np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+    return out
+
+
+def _macro(auc: np.ndarray) -> np.ndarray:
+    defined = np.isfinite(auc)
+    with np.errstate(invalid='ignore'):
+        return np.where(defined.any(1), np.where(defined, auc, 0).sum(1) / defined.sum(1), np.nan)
+
+
+def headline_metrics_weighted(y_true, probabilities, weights) -> dict[str, np.ndarray]:
+    """``headline_metrics`` of B resamples at once, each given as row multiplicities (``weights`` [B, n], e.g.
+    ``bincount`` of a bootstrap draw): equal to ``headline_metrics(y[idx], p[idx])`` per resample, without the loop
+    (13,000 calls of 0.3-0.5 ms each per evaluation before)."""
+    y, p = np.asarray(y_true, dtype=np.int64), np.asarray(probabilities, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    n_classes = p.shape[1]
+    onehot = np.zeros((len(y), n_classes * n_classes))
+    onehot[np.arange(len(y)), y * n_classes + p.argmax(1)] = 1
+    cm = (w @ onehot).reshape(len(w), n_classes, n_classes)
+    tp = cm[:, np.arange(n_classes), np.arange(n_classes)]
+    support, predicted = cm.sum(2), cm.sum(1)
+    present, used = support > 0, (support > 0) | (predicted > 0)
+    with np.errstate(divide='ignore', invalid='ignore'):
+        recall = np.where(present, tp / support, 0.0)
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+        n = support.sum(1)
+        out = {'accuracy': tp.sum(1) / n, 'balanced_accuracy': (recall * present).sum(1) / present.sum(1),
+               'f1_macro': (f1 * used).sum(1) / used.sum(1), 'f1_weighted': (f1 * support).sum(1) / n}
+    out['roc_auc_macro_ovr'] = _macro(_auc_weighted(y, p, w))
+    return {k: out[k] for k in HEADLINE_METRICS}
+
+
+def macro_auc(y_true, probabilities) -> float:
+    """Mean one-vs-rest ROC-AUC over the classes where it is defined (NaN when none is)."""
+    auc = roc_auc_ovr(y_true, probabilities)
+    return float(np.nanmean(auc)) if np.isfinite(auc).any() else float('nan')
+
+
+# bootstrap loops use these instead of calling the metric once per resample (bootstrap_ci, paired_bootstrap)
+headline_metrics.weighted = headline_metrics_weighted
+macro_auc.weighted = lambda y, p, w: _macro(_auc_weighted(np.asarray(y, np.int64), np.asarray(p, np.float64),
+                                                          np.asarray(w, np.float64)))
+
+
 def classification_metrics(y_true, probabilities, class_names: Sequence[str]) -> dict:
     """Full classification report for predicted class probabilities.
 
@@ -356,7 +419,11 @@ def bootstrap_ci(metric_fn: Callable[..., float | Mapping[str, float]], *arrays,
     estimate = metric_fn(*arrays)
     is_dict = isinstance(estimate, Mapping)
     samples: dict = {k: [] for k in estimate} if is_dict else {None: []}
-    for _ in range(n_boot):
+    weighted = getattr(metric_fn, 'weighted', None)
+    if weighted is not None:   # the same draws, scored at once from their row multiplicities
+        values = weighted(*arrays, _draw_weights(rng, n, members, n_boot))
+        samples = {k: list(values[k]) for k in samples} if is_dict else {None: list(values)}
+    for _ in range(n_boot if weighted is None else 0):
         idx = _resample_indices(rng, n, members)
         value = metric_fn(*[a[idx] for a in arrays])
         for k in samples:
@@ -381,6 +448,11 @@ def paired_bootstrap(metric_fn: Callable[[np.ndarray, np.ndarray], float], y_tru
     if not (len(y) == len(pa) == len(pb)):
         raise ValueError('y_true, probs_a and probs_b must cover the same patients')
     va, vb = float(metric_fn(y, pa)), float(metric_fn(y, pb))
+    weighted = getattr(metric_fn, 'weighted', None)
+    if weighted is not None:   # the same draws bootstrap_difference makes, scored at once
+        w = _draw_weights(np.random.default_rng(seed), len(y), _group_members(groups, len(y)), n_boot)
+        diffs = np.asarray(weighted(y, pa, w), np.float64) - np.asarray(weighted(y, pb, w), np.float64)
+        return {'value_a': va, 'value_b': vb, 'difference': va - vb, **_difference_summary(diffs, n_boot, alpha)}
     boot = bootstrap_difference(lambda idx: metric_fn(y[idx], pa[idx]) - metric_fn(y[idx], pb[idx]), len(y),
                                 n_boot=n_boot, seed=seed, alpha=alpha, groups=groups)
     return {'value_a': va, 'value_b': vb, 'difference': va - vb, **boot}
@@ -397,7 +469,18 @@ def bootstrap_difference(difference: Callable[[np.ndarray], float], n: int, n_bo
     """
     members, rng = _group_members(groups, n), np.random.default_rng(seed)
     diffs = np.array([difference(_resample_indices(rng, n, members)) for _ in range(n_boot)], dtype=np.float64)
+    return _difference_summary(diffs, n_boot, alpha)
+
+
+def _difference_summary(diffs: np.ndarray, n_boot: int, alpha: float) -> dict:
     lo, hi, n_valid = _interval(diffs, alpha)
     finite = diffs[np.isfinite(diffs)]
     return {'ci_low': lo, 'ci_high': hi, 'p_le_0': float(np.mean(finite <= 0)) if len(finite) else float('nan'),
             'n_boot': n_boot, 'n_valid': n_valid}
+
+
+def _draw_weights(rng: np.random.Generator, n: int, members: tuple | None, n_boot: int) -> np.ndarray:
+    """Row multiplicities [n_boot, n] of the replicates ``_resample_indices`` draws, in the same order from ``rng``
+    (so a weighted metric sees exactly the resamples the per-call loop would)."""
+    return np.stack([np.bincount(_resample_indices(rng, n, members), minlength=n) for _ in range(n_boot)]) \
+        if n_boot else np.zeros((0, n))

@@ -16,7 +16,8 @@ import pandas as pd
 
 from emclip import __version__
 from emclip.metrics import (
-    HEADLINE_METRICS, bootstrap_ci, classification_metrics, headline_metrics, paired_bootstrap, roc_auc_ovr)
+    HEADLINE_METRICS, bootstrap_ci, classification_metrics, headline_metrics, macro_auc, paired_bootstrap,
+    roc_auc_ovr)
 
 from . import figures as F
 from . import maps
@@ -75,9 +76,7 @@ def _label_provenance(emb: Embeddings, y: np.ndarray, cohort_labels: dict) -> di
     return out
 
 
-def _macro_auc(y: np.ndarray, p: np.ndarray) -> float:
-    auc = roc_auc_ovr(y, p)
-    return float(np.nanmean(auc)) if np.isfinite(auc).any() else float('nan')
+_macro_auc = macro_auc   # with a weighted form: paired bootstraps score all resamples at once
 
 
 def _classification_block(y: np.ndarray, probs: np.ndarray, classes: list[str], excluded: dict, boot: dict) -> dict:

@@ -206,3 +206,26 @@ def test_resize_plane_equals_torch_antialiased_bilinear():
         got = resize_plane(x, bands(h, oh, top, min(oh, 224)), bands(w, ow, left, 224))
         np.testing.assert_allclose(got / 65535, ref[top:top + min(oh, 224), left:left + 224] / 65535, atol=3e-7,
                                    rtol=0, err_msg=f"{h}x{w} -> {oh}x{ow}")
+
+
+def test_bags_and_the_cache_builder_read_through_the_fused_loader(tiny_cohort):
+    """BagDataset (random crops drawn per bag) and the cache builder's rows give what the previous way gave."""
+    from emclip.data import BagDataset, load_cohort
+    from emclip.train.cache import _ImageRows
+    cohort = load_cohort(tiny_cohort)
+    transform = ImageTransform(32, policy="crop")
+    ds = BagDataset(cohort, "train", transform=transform, intensity="percentile", random_crop=True, seed=4)
+    ds.set_epoch(2)
+    for index in range(3):
+        item = ds[index]
+        rng = np.random.default_rng([4, 2, index, 1])
+        want = torch.stack([transform(read_image(p, "percentile"), rng)[0] for p in item["image_paths"]])
+        torch.testing.assert_close(item["images"], want, atol=ATOL, rtol=0)
+    paths = list(cohort.images.path)
+    resize = ImageTransform(40)
+    rows = _ImageRows(paths, [3, 0, 5], resize, "percentile", "rgb")
+    for i, row in enumerate([3, 0, 5]):
+        tensor, zoom, idx = rows[i]
+        want, want_zoom = resize(read_image(paths[row], "percentile", "rgb"))
+        torch.testing.assert_close(tensor, want, atol=ATOL, rtol=0)
+        assert float(zoom) == pytest.approx(want_zoom) and int(idx) == row

@@ -586,9 +586,10 @@ def load_transformed(path: str | Path, transform: ImageTransform, intensity: str
 
     For integer samples of at most 16 bits (the EM norm) the intensity map is linear and clipping can only act where
     the bit depth or the percentiles leave room for it, so the raw samples (less the range's low end, clipped where
-    needed) are resized and cropped first and the small result is scaled (:mod:`emclip.data.resample`); uncompressed TIFF pixels are
-    memory-mapped, not copied. Everything else (floats, with their non-finite values; 32/64-bit integers; palette
-    and bilevel images; crops of images smaller than the crop) takes the ``read_image`` path."""
+    needed) are resized and cropped first and the small result is scaled (:mod:`emclip.data.resample`);
+    uncompressed TIFF pixels are memory-mapped, not copied. Everything else (floats, with their non-finite values;
+    32/64-bit integers; palette and bilevel images; crops of images smaller than the crop) takes the
+    ``read_image`` path."""
     path = Path(path)
     arr, bits, invert = _decode(path, intensity, color, max_pixels, max_aspect, mapped=True)
     h, w = arr.shape[:2]

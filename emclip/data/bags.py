@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .cohort import Cohort
-from .images import ImageTransform, read_image
+from .images import ImageTransform, load_transformed
 
 PAD_SCALE = 1.0   # nm/px written at padded positions (log = 0); masked out, so any finite value works
 
@@ -82,7 +82,7 @@ class BagDataset(Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, index, 1]) if self.random_crop else None
             tensors, zooms = [], []
             for path in paths:
-                t, z = self.transform(read_image(path, self.intensity, self.color), rng)
+                t, z = load_transformed(path, self.transform, self.intensity, self.color, rng)
                 tensors.append(t)
                 zooms.append(z)
             item["images"] = torch.stack(tensors)

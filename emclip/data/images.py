@@ -66,6 +66,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from . import resample
+
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 MAX_PIXELS = 2 ** 28          # 16384 x 16384; EMCLIP_MAX_PIXELS overrides
@@ -297,12 +299,22 @@ def _tiff_plan(path: Path, tif: tifffile.TiffFile, max_pixels: int, max_aspect: 
     return _TiffPlan(page, kind, invert, orientation, height, width)
 
 
-def _read_tiff(path: Path, max_pixels: int, max_aspect: float) -> tuple[np.ndarray, int | None, bool]:
+def _page_pixels(page: tifffile.TiffPage, mapped: bool) -> np.ndarray:
+    """The page's samples; with ``mapped``, an uncompressed page stored in final form is memory-mapped instead of
+    copied (the loader reads each sample once, so a copy would only cost time). A page whose data would extend past
+    the end of the file is read the ordinary way, so that it fails as :func:`read_image` fails."""
+    if mapped and page.is_memmappable and page.dataoffsets[0] + page.nbytes <= page.parent.filehandle.size:
+        return page.asarray(out="memmap").view(np.ndarray)
+    return page.asarray()
+
+
+def _read_tiff(path: Path, max_pixels: int, max_aspect: float,
+               mapped: bool = False) -> tuple[np.ndarray, int | None, bool]:
     """(array H x W or H x W x 3, the bit depth unsigned samples are scaled by, invert) of a TIFF."""
     with tifffile.TiffFile(path) as tif:
         plan = _tiff_plan(path, tif, max_pixels, max_aspect)
         page = plan.page
-        arr = page.asarray()
+        arr = _page_pixels(page, mapped)
         if "S" in page.axes and arr.ndim == len(page.axes):   # samples last, wherever the file stored them
             arr = np.moveaxis(arr, page.axes.index("S"), -1)
         if plan.kind == "gray" and arr.ndim == 3:
@@ -393,6 +405,26 @@ def probe_image(path: str | Path, *, max_pixels: int | None = None, max_aspect: 
         raise ImageReadError(f"{path}: cannot decode image ({_one_line(err)})") from err
 
 
+def _intensity_range(arr: np.ndarray, values: np.ndarray, intensity: str,
+                     bits: int | None) -> tuple[float, float, float]:
+    """(lo, hi, span) of the map v -> clip((v - lo) / span, 0, 1) by the policy in the module docstring; ``values``
+    are the finite samples of ``arr`` (its dtype decides the rule). Shared by both read paths."""
+    kind = arr.dtype.kind
+    if intensity == "percentile":
+        lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+        span = max(hi - lo, 1e-6)
+    elif kind == "u" and arr.dtype.itemsize <= 2:        # 8/16-bit unsigned: the bit depth's full scale
+        depth = bits if bits and bits < 8 * arr.dtype.itemsize else 8 * arr.dtype.itemsize
+        lo, span = 0.0, float(2 ** depth - 1)
+        hi = span
+    else:                                                # signed / 32-64-bit ints and floats: the image's own range
+        lo, hi = float(values.min()), float(values.max())
+        if kind == "f" and lo >= 0.0 and hi <= 1.0:
+            lo, hi = 0.0, 1.0
+        span = hi - lo
+    return lo, hi, span
+
+
 def _to_unit_float(arr: np.ndarray, intensity: str, path: Path, bits: int | None = None,
                    invert: bool = False) -> np.ndarray:
     """Scale samples to float32 [0, 1] by the policy in the module docstring."""
@@ -412,17 +444,7 @@ def _to_unit_float(arr: np.ndarray, intensity: str, path: Path, bits: int | None
     values = arr if finite is None else arr[finite]
     wide = arr.dtype.itemsize > 4 or (kind in "iu" and arr.dtype.itemsize == 4)
     work = np.float64 if wide else np.float32
-    if intensity == "percentile":
-        lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
-        span = max(hi - lo, 1e-6)
-    elif kind == "u" and arr.dtype.itemsize <= 2:        # 8/16-bit unsigned: the bit depth's full scale
-        depth = bits if bits and bits < 8 * arr.dtype.itemsize else 8 * arr.dtype.itemsize
-        lo, span = 0.0, float(2 ** depth - 1)
-    else:                                                # signed / 32-64-bit ints and floats: the image's own range
-        lo, hi = float(values.min()), float(values.max())
-        if kind == "f" and lo >= 0.0 and hi <= 1.0:
-            lo, hi = 0.0, 1.0
-        span = hi - lo
+    lo, hi, span = _intensity_range(arr, values, intensity, bits)
     out = arr.astype(work)
     if math.isfinite(span):
         out -= lo
@@ -452,6 +474,14 @@ def read_image(path: str | Path, intensity: str = "dtype", color: str = "gray", 
     file; ``max_pixels`` / ``max_aspect`` override ``MAX_PIXELS`` / ``MAX_ASPECT`` (and their environment
     variables) for this call."""
     path = Path(path)
+    arr, bits, invert = _decode(path, intensity, color, max_pixels, max_aspect)
+    return _unit_image(arr, path, intensity, color, bits, invert)
+
+
+def _decode(path: Path, intensity: str, color: str, max_pixels, max_aspect,
+            mapped: bool = False) -> tuple[np.ndarray, int | None, bool]:
+    """Every check and decision of :func:`read_image` up to the raw samples: (array as displayed, H x W or
+    H x W x 3, in its stored dtype; bit depth of unsigned samples or None; invert)."""
     if intensity not in ("dtype", "percentile"):
         raise ValueError(f"intensity must be 'dtype' or 'percentile', got {intensity!r}")
     if color not in ("gray", "rgb"):
@@ -461,7 +491,7 @@ def read_image(path: str | Path, intensity: str = "dtype", color: str = "gray", 
     bits, invert = None, False
     try:
         if _is_tiff(path):
-            arr, bits, invert = _read_tiff(path, max_pixels, max_aspect)
+            arr, bits, invert = _read_tiff(path, max_pixels, max_aspect, mapped)
         else:
             arr = _read_pil(path, max_pixels, max_aspect)
     except ImageReadError:
@@ -470,6 +500,11 @@ def read_image(path: str | Path, intensity: str = "dtype", color: str = "gray", 
         raise ImageReadError(f"{path}: cannot decode image ({_one_line(err)})") from err
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] != 3) or min(arr.shape[:2]) < 1:
         raise ImageReadError(f"{path}: unsupported image shape {arr.shape} (expected H x W or H x W x 3)")
+    return arr, bits, invert
+
+
+def _unit_image(arr: np.ndarray, path: Path, intensity: str, color: str, bits: int | None,
+                invert: bool) -> np.ndarray:
     img = _to_unit_float(arr, intensity, path, bits, invert)
     if color == "gray" and img.ndim == 3:
         img = img @ LUMA
@@ -503,26 +538,89 @@ class ImageTransform:
         t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
         size = self.image_size
         h, w = t.shape[-2:]
+        zoom, resized, pad = self._layout(h, w)
+        if resized is not None:
+            t = F.interpolate(t[None], size=resized, mode="bilinear", antialias=True, align_corners=False)[0]
+        elif pad is not None:   # reflect-pad small images so the crop keeps native resolution
+            mode = "reflect" if pad[2] + pad[3] < h and pad[0] + pad[1] < w else "replicate"
+            t = F.pad(t[None], pad, mode=mode)[0]
+        top, left = self._crop_origin(t.shape[-2], t.shape[-1], rng)
+        return self._finish(t[:, top:top + size, left:left + size]), float(zoom)
+
+    def _layout(self, h: int, w: int) -> tuple[float, tuple[int, int] | None, tuple[int, int, int, int] | None]:
+        """(zoom, (height, width) to resize to or None, padding (left, right, top, bottom) or None): the geometry
+        before the crop, shared by :meth:`__call__` and :func:`load_transformed`."""
+        size = self.image_size
         if self.policy == "resize":
             zoom = min(h, w) / size
-            if min(h, w) != size:
-                nh, nw = max(size, round(h / zoom)), max(size, round(w / zoom))
-                t = F.interpolate(t[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
-            top, left = (t.shape[-2] - size) // 2, (t.shape[-1] - size) // 2
-        else:
-            zoom = 1.0
-            if h < size or w < size:   # reflect-pad small images so the crop keeps native resolution
-                ph, pw = max(size - h, 0), max(size - w, 0)
-                mode = "reflect" if ph < h and pw < w else "replicate"
-                t = F.pad(t[None], (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode=mode)[0]
-            free_h, free_w = t.shape[-2] - size, t.shape[-1] - size
-            if rng is None:
-                top, left = free_h // 2, free_w // 2
-            else:
-                top, left = int(rng.integers(free_h + 1)), int(rng.integers(free_w + 1))
-        t = t[:, top:top + size, left:left + size]
+            if min(h, w) == size:
+                return zoom, None, None
+            return zoom, (max(size, round(h / zoom)), max(size, round(w / zoom))), None
+        if h < size or w < size:
+            ph, pw = max(size - h, 0), max(size - w, 0)
+            return 1.0, None, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+        return 1.0, None, None
+
+    def _crop_origin(self, h: int, w: int, rng: np.random.Generator | None) -> tuple[int, int]:
+        """Top-left corner of the size x size crop of an h x w (resized or padded) image: the centre, or drawn
+        from ``rng`` under ``policy="crop"``."""
+        free_h, free_w = h - self.image_size, w - self.image_size
+        if self.policy == "crop" and rng is not None:
+            return int(rng.integers(free_h + 1)), int(rng.integers(free_w + 1))
+        return free_h // 2, free_w // 2
+
+    def _finish(self, t: torch.Tensor) -> torch.Tensor:
+        """(1 or 3, size, size) in [0, 1] -> the tower's channels, normalised."""
         if t.shape[0] == 1 and self.channels == 3:
             t = t.expand(3, -1, -1)
         elif t.shape[0] == 3 and self.channels == 1:
             t = (t * torch.from_numpy(LUMA).view(3, 1, 1)).sum(0, keepdim=True)
-        return ((t - self.mean) / self.std).contiguous(), float(zoom)
+        return ((t - self.mean) / self.std).contiguous()
+
+
+def load_transformed(path: str | Path, transform: ImageTransform, intensity: str = "dtype", color: str = "gray",
+                     rng: np.random.Generator | None = None, *, max_pixels: int | None = None,
+                     max_aspect: float | None = None) -> tuple[torch.Tensor, float]:
+    """``transform(read_image(path, intensity, color), rng)`` in one pass: the same tensor and zoom (to float
+    rounding) and the same refusals, errors and warnings, without the full-resolution float image.
+
+    For integer samples of at most 16 bits (the EM norm) the intensity map is linear and clipping can only act where
+    the bit depth or the percentiles leave room for it, so the raw samples (less the range's low end, clipped where
+    needed) are resized and cropped first and the small result is scaled (:mod:`emclip.data.resample`);
+    uncompressed TIFF pixels are memory-mapped, not copied. Everything else (floats, with their non-finite values;
+    32/64-bit integers; palette and bilevel images; crops of images smaller than the crop) takes the
+    ``read_image`` path."""
+    path = Path(path)
+    arr, bits, invert = _decode(path, intensity, color, max_pixels, max_aspect, mapped=True)
+    h, w = arr.shape[:2]
+    zoom, resized, pad = transform._layout(h, w)
+    if arr.dtype.kind not in "iu" or arr.dtype.itemsize > 2 or pad is not None:
+        return transform(_unit_image(arr, path, intensity, color, bits, invert), rng)
+    lo, _, span = _intensity_range(arr, arr, intensity, bits)
+    clips = intensity == "percentile" or (arr.dtype.kind == "u" and span < np.iinfo(arr.dtype).max)
+    bounds = (0.0, span) if clips else None
+    size = transform.image_size
+    top, left = transform._crop_origin(*(resized or (h, w)), rng)
+    if resized is not None:
+        rows, cols = resample.bands(h, resized[0], top, size), resample.bands(w, resized[1], left, size)
+    planes = []
+    for plane in ([arr] if arr.ndim == 2 else [arr[..., c] for c in range(3)]):
+        if resized is not None:
+            v = resample.resize_plane(plane, rows, cols, lo, bounds)
+        else:
+            v = plane[top:top + size, left:left + size].astype(np.float32)
+            v -= lo
+            if bounds is not None:
+                np.clip(v, *bounds, out=v)
+        if span > 0:
+            v /= span
+        else:
+            v.fill(0.0)
+        if invert:
+            np.subtract(1.0, v, out=v)
+        planes.append(v)
+    if color == "gray" and len(planes) == 3:
+        planes = [np.stack(planes, -1) @ LUMA]
+    elif color == "rgb" and len(planes) == 1:
+        planes = planes * 3
+    return transform._finish(torch.from_numpy(np.stack(planes))), float(zoom)

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from ..digests import file_sha256
 from ..progress import bars_disabled
-from ..data import Cohort, ImageTransform, read_image
+from ..data import Cohort, ImageTransform
+from ..data.images import load_transformed
 from .checkpoint import write_text_atomic
 
 CACHE_VERSION = 2   # 2: image identity includes inode and ctime
@@ -44,7 +45,7 @@ class _ImageRows(Dataset):
 
     def __getitem__(self, i):
         row = self.indices[i]
-        tensor, zoom = self.transform(read_image(self.paths[row], self.intensity, self.color))
+        tensor, zoom = load_transformed(self.paths[row], self.transform, self.intensity, self.color)
         return tensor, torch.tensor(zoom, dtype=torch.float32), torch.tensor(row)
 
 

@@ -340,6 +340,44 @@ def _barrier(accelerator) -> None:
         accelerator.wait_for_everyone()
 
 
+def shard_names(rank: int) -> dict:
+    return {"features": f"features_rank{rank}.npy", "zoom": f"zoom_rank{rank}.npy"}
+
+
+def open_shard(folder: Path, rank: int, n_rows: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Writable memory maps (features, zoom) of rank ``rank``'s shard, under temporary names until ``seal_shard``."""
+    names = shard_names(rank)
+    feats = np.lib.format.open_memmap(folder / f".{names['features']}.partial.npy", mode="w+", dtype=np.float32,
+                                      shape=(n_rows, dim))
+    zooms = np.lib.format.open_memmap(folder / f".{names['zoom']}.partial.npy", mode="w+", dtype=np.float32,
+                                      shape=(n_rows,))
+    return feats, zooms
+
+
+def seal_shard(folder: Path, rank: int, start: int, stop: int, seconds: float = 0.0) -> dict:
+    """Rename a filled shard into place and hash it (each rank its own, in parallel): its manifest record."""
+    names = shard_names(rank)
+    for name in names.values():
+        os.replace(folder / f".{name}.partial.npy", folder / name)
+    return {"shard": {"rank": rank, "start": start, "stop": stop, **names},
+            "files": {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+                      for name in names.values()},
+            "seconds": seconds}
+
+
+def write_manifest(folder: Path, records: list[dict], meta: dict) -> dict:
+    """``manifest.json`` (last, atomically) from the shard records of every rank, and the identities of the files
+    just hashed (``verified.json``), so the next start hashes nothing."""
+    seconds = max(r["seconds"] for r in records)
+    manifest = {"format": FORMAT, "version": CACHE_VERSION, **meta, "processes": len(records),
+                "seconds": round(seconds, 2), "images_per_second": round(meta["n_images"] / max(seconds, 1e-9), 2),
+                "shards": [r["shard"] for r in records],
+                "files": {name: f for r in records for name, f in r["files"].items()}}
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    _write_verified(folder, [name for name in manifest["files"] if (folder / name).is_file()])
+    return manifest
+
+
 @torch.no_grad()
 def _extract(model, cohort, folder, transform, rank, world, batch_size, num_workers, intensity, color, key,
              accelerator, log) -> None:
@@ -350,11 +388,7 @@ def _extract(model, cohort, folder, transform, rank, world, batch_size, num_work
     dim = int(model.encode_trunk(torch.zeros(1, transform.channels, transform.image_size, transform.image_size,
                                              device=device)).shape[-1])
     start_row, stop_row = shard_bounds(n, world, batch_size)[rank]
-    names = {"features": f"features_rank{rank}.npy", "zoom": f"zoom_rank{rank}.npy"}
-    partial = {k: folder / f".{v}.partial.npy" for k, v in names.items()}   # renamed into place once complete
-    feats = np.lib.format.open_memmap(partial["features"], mode="w+", dtype=np.float32,
-                                      shape=(stop_row - start_row, dim))
-    zooms = np.lib.format.open_memmap(partial["zoom"], mode="w+", dtype=np.float32, shape=(stop_row - start_row,))
+    feats, zooms = open_shard(folder, rank, stop_row - start_row, dim)
     rows = list(range(start_row, stop_row))
     loader = DataLoader(_ImageRows(list(cohort.images.path), rows, transform, intensity, color),
                         batch_size=batch_size, num_workers=num_workers)
@@ -371,22 +405,11 @@ def _extract(model, cohort, folder, transform, rank, world, batch_size, num_work
     elapsed = time.perf_counter() - start
     model.train(was_training)
     del feats, zooms
-    for k, name in names.items():
-        os.replace(partial[k], folder / name)
-    record = {"shard": {"rank": rank, "start": start_row, "stop": stop_row, **names},
-              "files": {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
-                        for name in names.values()},
-              "seconds": elapsed}
-    records = all_gather_objects(accelerator, record)
+    records = all_gather_objects(accelerator, seal_shard(folder, rank, start_row, stop_row, elapsed))
     if accelerator is None or accelerator.is_local_main_process:
-        meta = {"format": FORMAT, "key": key, "version": CACHE_VERSION, "trunk": model.trunk_id, "n_images": n,
-                "dim": dim, "preprocess": model.preprocess, "policy": transform.policy, "intensity": intensity,
-                "color": color, "processes": world, "seconds": round(max(r["seconds"] for r in records), 2),
-                "images_per_second": round(n / max(max(r["seconds"] for r in records), 1e-9), 2),
-                "shards": [r["shard"] for r in records],
-                "files": {name: f for r in records for name, f in r["files"].items()}}
-        write_text_atomic(folder / MANIFEST, json.dumps(meta, indent=2) + "\n")
-        _write_verified(folder, [name for name in meta["files"] if (folder / name).is_file()])
+        meta = write_manifest(folder, records, {
+            "key": key, "trunk": model.trunk_id, "n_images": n, "dim": dim, "preprocess": model.preprocess,
+            "policy": transform.policy, "intensity": intensity, "color": color})
         if is_main(accelerator):
             log(f"feature cache {folder}: {n} images x {dim} features in {meta['seconds']:.1f} s "
                 f"({meta['images_per_second']:.1f} images/s over {world} process(es), {world} shard(s))")

@@ -59,7 +59,7 @@ def test_sharded_rows_reads_like_the_concatenation():
                  np.arange(10) % 3 == 0):
         np.testing.assert_array_equal(view[rows], whole[rows])
     np.testing.assert_array_equal(np.asarray(view), whole)
-    assert view.shape == (10, 4) and len(view) == 10 and view.dtype == np.float32
+    assert view.shape == (10, 4) and len(view) == 10 and view.dtype == np.float32 and view.nbytes == 160
     with pytest.raises(IndexError):
         view[np.array([10])]
     assert shard_bounds(10, 3) == [(0, 3), (3, 6), (6, 10)] and shard_bounds(2, 3) == [(0, 0), (0, 1), (1, 2)]
@@ -202,3 +202,25 @@ def test_two_ranks_build_shards_check_once_share_text_and_embed_like_one(tiny_co
         np.testing.assert_array_equal(getattr(sharded, field), getattr(single, field), err_msg=field)
     np.testing.assert_array_equal(np.isnan(sharded.image_attention), np.isnan(single.image_attention))
     assert sharded.logit_scale == single.logit_scale and sharded.n_patients == len(cohort.reports)
+
+
+def test_embeddings_concat_of_consecutive_shards_is_the_whole():
+    from emclip.evaluation import Embeddings
+    rng = np.random.default_rng(0)
+    sizes = [2, 1, 3, 2, 1]
+    n_img = sum(sizes)
+    whole = Embeddings(patient_ids=[f"p{i}" for i in range(5)], split=["a", "a", "b", "b", "b"],
+                       diagnosis=["x", "y", "x", "", "y"], patient=rng.normal(size=(5, 4)),
+                       report=rng.normal(size=(5, 4)), image=rng.normal(size=(n_img, 4)),
+                       image_patient=np.repeat(np.arange(5), sizes), image_paths=[f"i{j}" for j in range(n_img)],
+                       image_scales=rng.uniform(2, 100, n_img), image_attention=rng.uniform(size=n_img),
+                       logit_scale=14.0, meta={"run": 1})
+    joined = Embeddings.concat([whole.subset("a"), whole.subset("b")])
+    for field in ("patient_ids", "split", "diagnosis", "patient", "report", "image", "image_patient", "image_paths",
+                  "image_scales", "image_attention", "diagnosis_source"):
+        np.testing.assert_array_equal(getattr(joined, field), getattr(whole, field), err_msg=field)
+    assert joined.logit_scale == 14.0 and joined.meta == {"run": 1}
+    from emclip.evaluation.runs import shard_patients
+    blocks = [shard_patients(10, 3, r, 3) for r in range(3)]
+    assert [(b.start, b.stop) for b in blocks] == [(0, 3), (3, 6), (6, 10)]          # cut at batches of 3
+    assert [len(shard_patients(2, 4, r, 2)) for r in range(2)] == [0, 2]             # fewer batches than ranks

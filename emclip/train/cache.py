@@ -80,6 +80,10 @@ class ShardedRows:
     def __len__(self) -> int:
         return self.shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        return int(sum(s.nbytes for s in self.shards))
+
     def __getitem__(self, rows):
         if isinstance(rows, (int, np.integer)):
             return self[np.array([rows])][0]

@@ -162,6 +162,9 @@ def test_two_processes_end_to_end_match_one_process(tiny_cohort, shared_cache, t
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((two / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 6
+    ranks = summary["ranks"]            # every rank's own start-up, epoch times and peak memory (issue 15)
+    assert [r["rank"] for r in ranks] == [0, 1] and all(len(r["epoch_seconds"]) == 2 for r in ranks)
+    assert all(0 < r["startup_seconds"] <= r["process_startup_seconds"] and r["peak_rss_mb"] > 0 for r in ranks)
     rows_one, rows_two = _log_rows(one)[1:], _log_rows(two)[1:]
     assert len(rows_one) == len(rows_two)
     for a, b in zip(rows_one, rows_two):

@@ -84,8 +84,8 @@ def run(data: str | None = None, n_patients: int = 16, batch_size: int = 4, step
                                 log=lambda *a: None)
     build_seconds = time.perf_counter() - t0
     build_rate = n_images / build_seconds
-    bytes_per_image = (cache.path / 'features.npy').stat().st_size / n_images
-    zoom_bytes = (cache.path / 'zoom.npy').stat().st_size / n_images
+    bytes_per_image = sum(f.stat().st_size for f in cache.path.glob('features_rank*.npy')) / n_images  # shards
+    zoom_bytes = sum(f.stat().st_size for f in cache.path.glob('zoom_rank*.npy')) / n_images
 
     transform = ImageTransform.from_preprocess(model.preprocess)
     # exactness: the first patient's cached rows against the trunk run on its images now

@@ -181,61 +181,76 @@ def feature_reference(tiny_model, cohort, tmp_path_factory):
 
 
 def _rewrite_meta(folder: Path, change) -> None:
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = json.loads((folder / "manifest.json").read_text())
     change(meta)
-    (folder / "meta.json").write_text(json.dumps(meta))
+    (folder / "manifest.json").write_text(json.dumps(meta))
+
+
+def _flip_byte_keeping_size_and_mtime(path: Path) -> None:
+    st = os.stat(path)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
 
 
 def _damage_features(folder: Path, kind: str) -> str:
     """Damage the cache in ``folder``; returns the file name the rebuild message must name."""
-    feats, zoom, meta = folder / "features.npy", folder / "zoom.npy", folder / "meta.json"
+    feats, zoom, meta = folder / "features_rank0.npy", folder / "zoom_rank0.npy", folder / "manifest.json"
     if kind == "features truncated":
         with open(feats, "r+b") as fh:
             fh.truncate(feats.stat().st_size // 2)
-        return "features.npy"
+        return feats.name
+    if kind == "features flipped byte, same size and mtime":   # caught by the hash its changed ctime triggers
+        _flip_byte_keeping_size_and_mtime(feats)
+        return feats.name
     if kind == "zoom zero bytes":
         zoom.write_bytes(b"")
-        return "zoom.npy"
+        return zoom.name
     if kind == "features deleted":
         feats.unlink()
-        return "features.npy"
+        return feats.name
     if kind == "meta deleted":
         meta.unlink()
-        return "meta.json"
+        return meta.name
     if kind == "meta truncated":
         meta.write_text(meta.read_text()[:40])
-        return "meta.json"
+        return meta.name
     if kind == "meta not utf-8":
         meta.write_bytes(b"\xff\xfe\x00garbage\x80\x81")
-        return "meta.json"
+        return meta.name
     if kind == "meta a list":
         meta.write_text("[1, 2, 3]")
-        return "meta.json"
+        return meta.name
     if kind == "meta without checksums":
-        _rewrite_meta(folder, lambda m: m.pop("sha256"))
-        return "meta.json"
+        _rewrite_meta(folder, lambda m: m.pop("files"))
+        return meta.name
     if kind == "meta bytes not a mapping":
-        _rewrite_meta(folder, lambda m: m.update(bytes="12"))
-        return "meta.json"
-    if kind == "meta wrong dim":                 # checksums fine, but the array is not what the meta says
+        _rewrite_meta(folder, lambda m: m.update(files="12"))
+        return meta.name
+    if kind == "meta shards do not tile":
+        _rewrite_meta(folder, lambda m: m["shards"][0].update(start=1))
+        return meta.name
+    if kind == "meta wrong dim":                 # checksums fine, but the array is not what the manifest says
         _rewrite_meta(folder, lambda m: m.update(dim=m["dim"] + 1))
-        return "features.npy"
-    if kind == "features header garbage":        # garbage whose size and checksum the meta was made to match
+        return feats.name
+    if kind == "features header garbage":        # garbage whose size and checksum the manifest was made to match
         feats.write_bytes(b"\x00" * feats.stat().st_size)
-        import hashlib
-        _rewrite_meta(folder, lambda m: m["sha256"].update({"features.npy": hashlib.sha256(
-            feats.read_bytes()).hexdigest()}))
-        return "features.npy"
+        _rewrite_meta(folder, lambda m: m["files"][feats.name].update(sha256=hashlib.sha256(
+            feats.read_bytes()).hexdigest()))
+        return feats.name
     if kind == "folder is a file":
         shutil.rmtree(folder)
         folder.write_bytes(b"not a cache")
-        return "meta.json"
+        return meta.name
     raise AssertionError(kind)
 
 
-FEATURE_DAMAGE = ["features truncated", "zoom zero bytes", "features deleted", "meta deleted", "meta truncated",
-                  "meta not utf-8", "meta a list", "meta without checksums", "meta bytes not a mapping",
-                  "meta wrong dim", "features header garbage", "folder is a file"]
+FEATURE_DAMAGE = ["features truncated", "features flipped byte, same size and mtime", "zoom zero bytes",
+                  "features deleted", "meta deleted", "meta truncated", "meta not utf-8", "meta a list",
+                  "meta without checksums", "meta bytes not a mapping", "meta shards do not tile", "meta wrong dim",
+                  "features header garbage", "folder is a file"]
 
 
 def test_a_cache_recorded_under_another_key_is_stale(tiny_model, cohort, feature_reference, tmp_path):

@@ -126,18 +126,19 @@ def test_feature_cache_reused_and_damage_detected(tiny_cohort, tmp_path):
     again = build_feature_cache(model, cohort, tmp_path, log=logs.append)
     assert len(logs) == 1 and again.path == cache.path                       # reused, not rebuilt
     reference = np.array(cache.features)
-    feats = cache.path / "features.npy"
-    # corrupt one value in place: same size, wrong checksum
+    feats = cache.path / "features_rank0.npy"
+    # corrupt one value in place: same size, wrong checksum (hashed because the file's identity changed)
     data = bytearray(feats.read_bytes())
     data[-5] ^= 0xFF
     feats.write_bytes(bytes(data))
-    assert check_cache(cache.path, cache.meta["key"], len(cohort.images)) == (False, "features.npy fails its checksum (corrupt)")
+    assert check_cache(cache.path, cache.meta["key"], len(cohort.images)) == (False, "features_rank0.npy fails its checksum (corrupt)")
     rebuilt = build_feature_cache(model, cohort, tmp_path, log=logs.append)
     assert "fails its checksum" in logs[1] and np.array_equal(np.array(rebuilt.features), reference)
     # truncate
     with open(feats, "r+b") as fh:
         fh.truncate(feats.stat().st_size - 64)
-    assert check_cache(cache.path, cache.meta["key"], len(cohort.images))[1] == "features.npy is missing or truncated"
+    assert check_cache(cache.path, cache.meta["key"], len(cohort.images))[1] == ("features_rank0.npy is missing or "
+                                                                               "truncated")
     # stale: another trunk (different weights) gets another key, never this cache
     other = build_model("tiny", lock_image=True)
     with torch.no_grad():
@@ -161,6 +162,9 @@ def test_two_processes_end_to_end_match_one_process(tiny_cohort, shared_cache, t
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((two / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 6
+    ranks = summary["ranks"]            # every rank's own start-up, epoch times and peak memory (issue 15)
+    assert [r["rank"] for r in ranks] == [0, 1] and all(len(r["epoch_seconds"]) == 2 for r in ranks)
+    assert all(0 < r["startup_seconds"] <= r["process_startup_seconds"] and r["peak_rss_mb"] > 0 for r in ranks)
     rows_one, rows_two = _log_rows(one)[1:], _log_rows(two)[1:]
     assert len(rows_one) == len(rows_two)
     for a, b in zip(rows_one, rows_two):

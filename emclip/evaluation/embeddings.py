@@ -92,6 +92,20 @@ class Embeddings:
             self.image[rows], new_index[self.image_patient[rows]], self.image_paths[rows], self.image_scales[rows],
             self.image_attention[rows], self.logit_scale, dict(self.meta), self.diagnosis_source[keep])
 
+    @classmethod
+    def concat(cls, parts: list['Embeddings']) -> 'Embeddings':
+        """The patients of ``parts`` in order (e.g. the shards of a sharded embedding), image rows re-indexed;
+        logit scale and meta from the first part."""
+        if not parts:
+            raise ValueError('Embeddings.concat needs at least one part')
+        offsets = np.cumsum([0] + [p.n_patients for p in parts[:-1]])
+        cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+        return cls(
+            cat('patient_ids'), cat('split'), cat('diagnosis'), cat('patient'), cat('report'), cat('image'),
+            np.concatenate([p.image_patient + o for p, o in zip(parts, offsets)]), cat('image_paths'),
+            cat('image_scales'), cat('image_attention'), parts[0].logit_scale, dict(parts[0].meta),
+            cat('diagnosis_source'))
+
     def save(self, path: str | Path) -> Path:
         """Write everything to one .npz (no pickle)."""
         path = Path(path)

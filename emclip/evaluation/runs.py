@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ..data import BagDataset, ImageTransform, collate_bags
 from ..paths import resolve, write_text_atomic
 from ..train.cache import build_feature_cache
 from ..train.checkpoint import load_model_weights, resolve_checkpoint
+from ..train.collective import gather_to_main
 from ..train.config import TrainConfig
 from ..train.loop import build_run_model
 from ..train.runinfo import load_run_cohort
@@ -23,7 +24,7 @@ from . import bounds
 from .embeddings import Embeddings, default_device, embed_cohort
 from .zeroshot import load_prompts, prompts_from_diagnoses
 
-__all__ = ["prompt_classes", "run_checkpoint", "load_run_model", "embed_run", "supervised_bound"]
+__all__ = ["prompt_classes", "run_checkpoint", "load_run_model", "embed_run", "shard_patients", "supervised_bound"]
 
 
 def prompt_classes(cohort):
@@ -61,26 +62,43 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path = "best", device:
     return model.to(device if device is not None else default_device()).eval(), cfg
 
 
+def shard_patients(n_patients: int, batch_size: int, rank: int, world: int) -> range:
+    """Rank ``rank``'s contiguous block of patients, cut at batch boundaries: every batch is the one a single process
+    would form, so the gathered embeddings are identical to a single-process run's, not merely close."""
+    n_batches = -(-n_patients // batch_size)
+    first, last = n_batches * rank // world, n_batches * (rank + 1) // world
+    return range(first * batch_size, min(last * batch_size, n_patients))
+
+
 def embed_run(run_dir: str | Path, batch_size: int = 32, model=None, cfg: TrainConfig | None = None,
-              cohort=None, cache_key: str | None = None) -> Embeddings:
+              cohort=None, cache_key: str | None = None, accelerator=None) -> Embeddings | None:
     """Embed every patient of the run's cohort with its best model (cached trunk features in cache mode).
 
-    ``model``, ``cfg`` and ``cohort`` (and the feature ``cache_key``) may be passed when the caller already has them."""
+    ``model``, ``cfg`` and ``cohort`` (and the feature ``cache_key``) may be passed when the caller already has them.
+    With an ``accelerator`` of several processes (every process calls this, with the model on its device), each
+    process embeds its own block of patients, the cache and text features are checked and built by the main process,
+    and the main process receives all embeddings, identical to one process's (the others get None)."""
     if model is None or cfg is None:
-        model, cfg = load_run_model(run_dir)
+        model, cfg = load_run_model(run_dir, device=None if accelerator is None else accelerator.device)
     cohort = cohort if cohort is not None else load_run_cohort(cfg)
     if cfg.mode == "cache":
-        cache = build_feature_cache(model, cohort, cfg.cache_path, key=cache_key)
+        cache = build_feature_cache(model, cohort, cfg.cache_path, accelerator, key=cache_key)
         ds = BagDataset(cohort, None, features=cache.features, feature_zoom=cache.zoom)
     else:
         ds = BagDataset(cohort, None, transform=ImageTransform.from_preprocess(model.preprocess))
-    loader = DataLoader(ds, batch_size=batch_size, collate_fn=collate_bags)
-    splits = dict(zip(cohort.reports.patient_id, cohort.reports.split))
     if cfg.lock_text:   # the frozen text transformer's report features are cached like the image features
-        model = CachedTextModel(model, TextFeatures.build(model, cohort, cfg.eval_batch_size, cfg.cache_path))
-    emb = embed_cohort(model, loader, split=splits, meta={"run_dir": str(resolve(run_dir)), **cfg.to_dict(),
-                                                          "labels": cohort.summary()["labels"]})
-    return emb
+        model = CachedTextModel(model, TextFeatures.build(model, cohort, cfg.eval_batch_size, cfg.cache_path,
+                                                          accelerator=accelerator))
+    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    mine = shard_patients(len(ds), batch_size, rank, world)
+    splits = dict(zip(cohort.reports.patient_id, cohort.reports.split))
+    part = None
+    if len(mine):
+        loader = DataLoader(ds if world == 1 else Subset(ds, mine), batch_size=batch_size, collate_fn=collate_bags)
+        part = embed_cohort(model, loader, split=splits, meta={"run_dir": str(resolve(run_dir)), **cfg.to_dict(),
+                                                               "labels": cohort.summary()["labels"]})
+    parts = gather_to_main(accelerator, part)
+    return None if parts is None else Embeddings.concat([p for p in parts if p is not None])
 
 
 def supervised_bound(model, cfg: TrainConfig, cohort, emb: Embeddings, classes: list[str], split: str = "test",

@@ -8,6 +8,9 @@ The key hashes the frozen text weights (the trainable projection excluded), the 
 The file (written atomically: temp + rename) holds the features, the key and the patient ids it was built for. A
 file that cannot be read (truncated, empty, not an ``.npz``), lacks an entry, carries another key or other patients,
 or holds an array of the wrong shape, type or with non-finite values is reported as damaged and rebuilt, never used.
+
+With several processes (``accelerator``) the main process alone reads or builds the features and sends them to the
+others: the text tower runs once per run, not once per process, and no shared filesystem is needed.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 
 from ..digests import tensors_digest
 from ..paths import write_bytes_atomic
+from .collective import main_first
 
 TEXT_CACHE_VERSION = 2   # 2: .npz with key and patient ids (1: a bare .npy of the features)
 
@@ -80,6 +84,29 @@ def _encode(model, texts: list[str], batch_size: int) -> torch.Tensor:
     return torch.cat(chunks)
 
 
+def _read_or_encode(model, names: list[str], texts: list[str], batch_size: int, cache_dir, log) -> torch.Tensor:
+    """The cached features of these reports when whole, else encoded (and cached when ``cache_dir`` is given)."""
+    features, path = None, None
+    if cache_dir is not None:
+        key = text_cache_key(model, names, texts)
+        path = Path(cache_dir) / f"text-{key}.npz"
+        if path.exists():
+            dim = int(_encode(model, texts[:1], 1).shape[-1])   # one report: the tower's feature size
+            features, reason = read_text_cache(path, key, names, dim)
+            if features is None:
+                log(f"text cache {path} is damaged ({reason}); rebuilding")
+    if features is None:
+        features = _encode(model, texts, batch_size)
+        if path is not None:
+            try:
+                if path.is_dir():   # nothing but this cache may live under its name
+                    shutil.rmtree(path)
+                write_text_cache(path, key, names, features)
+            except OSError as err:   # e.g. a read-only cache folder: the features are still correct
+                log(f"text cache {path} could not be written ({err}); continuing without it")
+    return features
+
+
 @dataclass
 class TextFeatures:
     index: dict[str, int]          # patient_id -> row
@@ -89,28 +116,11 @@ class TextFeatures:
     @classmethod
     @torch.no_grad()
     def build(cls, model, cohort, batch_size: int = 64, cache_dir: str | Path | None = None,
-              log=print) -> "TextFeatures":
+              log=print, accelerator=None) -> "TextFeatures":
         ids = list(cohort.reports.patient_id)
-        names = [str(p) for p in ids]
         texts = list(cohort.reports.report)
-        features, path = None, None
-        if cache_dir is not None:
-            key = text_cache_key(model, names, texts)
-            path = Path(cache_dir) / f"text-{key}.npz"
-            if path.exists():
-                dim = int(_encode(model, texts[:1], 1).shape[-1])   # one report: the tower's feature size
-                features, reason = read_text_cache(path, key, names, dim)
-                if features is None:
-                    log(f"text cache {path} is damaged ({reason}); rebuilding")
-        if features is None:
-            features = _encode(model, texts, batch_size)
-            if path is not None:
-                try:
-                    if path.is_dir():   # nothing but this cache may live under its name
-                        shutil.rmtree(path)
-                    write_text_cache(path, key, names, features)
-                except OSError as err:   # e.g. a read-only cache folder: the features are still correct
-                    log(f"text cache {path} could not be written ({err}); continuing without it")
+        features = main_first(accelerator, lambda: _read_or_encode(model, [str(p) for p in ids], texts, batch_size,
+                                                                   cache_dir, log), "could not build text features")
         return cls({pid: i for i, pid in enumerate(ids)}, features, {t: i for i, t in enumerate(texts)})
 
     def lookup(self, patient_ids: list[str]) -> torch.Tensor:

@@ -253,3 +253,19 @@ def test_cli_check_broken_exits_2_with_one_line_per_problem(cohort_copy):
     lines = out.stdout.strip().splitlines()
     assert f"images.csv, row 4 (patient {images.patient_id[3]}): nm_per_pixel 'abc' is not a number" in lines
     assert f"reports.csv, row 1 (patient {reports.patient_id[0]}): report is empty" in lines
+
+
+def test_paths_resolve_as_pathlib_does_with_folders_resolved_once(tmp_path):
+    """The images table resolves each folder once per table; the result must be Path.resolve's, symlinked
+    folders, symlinked files and '..' through a symlink included."""
+    import os
+    from emclip.data.cohort import _resolved
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "real" / "a.tif").write_bytes(b"x")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    os.symlink(tmp_path / "real" / "a.tif", tmp_path / "real" / "b.tif")
+    real_dirs = {}
+    for rel in ["link/a.tif", "real/b.tif", "link/../real/a.tif", "real/sub/../a.tif", "link/sub/../b.tif",
+                "missing/x.tif", "link", "real/./a.tif"]:
+        assert _resolved(tmp_path / rel, real_dirs) == str((tmp_path / rel).resolve()), rel
+    assert real_dirs   # folders were remembered

@@ -19,6 +19,7 @@ from ..digests import file_sha256
 from ..paths import resolve, write_text_atomic
 from ..train.cache import feature_cache_key, image_files_digest
 from ..train.config import TrainConfig
+from ..train.text_cache import cached_text_encoder
 from ..train.runinfo import load_run_cohort
 from .report import SCHEMA_VERSION, _dumps, evaluate
 from .runs import embed_run, load_run_model, prompt_classes, run_checkpoint, supervised_bound
@@ -144,7 +145,10 @@ def evaluate_run(run_dir: str | Path, split: str = DEFAULT_EVALUATION.split, n_b
         with torch.no_grad():
             prompts = prompt_classes(cohort)
             classes = resolve_prompts(prompts, emb.diagnosis).classes
-            metrics = evaluate(emb, model.encode_text, model.logit_scale, target, classes=prompts,
+            # a frozen text tower's prompt features are the same for every run: cached beside the report features
+            encode_text = cached_text_encoder(model, cfg.cache_path, cfg.eval_batch_size, log) if cfg.lock_text \
+                else model.encode_text
+            metrics = evaluate(emb, encode_text, model.logit_scale, target, classes=prompts,
                                split=split, n_boot=n_boot, topj=topj, figures=figures, name=run.name,
                                supervised=supervised_bound(model, cfg, cohort, emb, classes, split, feature_key))
         metrics["evaluation_key"] = key

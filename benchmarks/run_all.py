@@ -31,6 +31,7 @@ BENCHMARKS = {
     'loader': dict(n_files=8, items=48, rounds=3),
     'retrieval': dict(queries=1_500),
     'distributed': dict(),
+    'scale': dict(),   # the rehearsal at 1/20 size (750 patients, 30,000 images); --full: 15,000 / 600,000
 }
 
 # --smoke: the same code paths on the tiny random model and toy sizes, in about a minute (tests, CI)
@@ -42,6 +43,7 @@ SMOKE = {
                    workers=[0]),
     'retrieval': dict(n_patients=40, per_patient=5, queries=10, dim=16),
     'distributed': dict(config='tiny', rounds=1),
+    'scale': dict(n_patients=40, model='tiny', batch_size=4, rounds=1, n_boot=10, processes=[1]),
 }
 
 CHILD = """
@@ -100,7 +102,8 @@ def to_markdown(report: dict) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--only', nargs='+', choices=list(BENCHMARKS), default=None, help='default: all')
-    ap.add_argument('--full', action='store_true', help='retrieval with all 15,000 report queries')
+    ap.add_argument('--full', action='store_true',
+                    help='retrieval with all 15,000 report queries; the scale rehearsal at 15,000 patients')
     ap.add_argument('--smoke', action='store_true', help='tiny model and toy sizes: checks that everything runs')
     ap.add_argument('--out', default=os.path.join(benchutil.ROOT, 'reports', 'benchmarks'))
     args = ap.parse_args(argv)
@@ -114,6 +117,8 @@ def main(argv=None):
         kwargs = SMOKE.get(name, BENCHMARKS[name]) if args.smoke else BENCHMARKS[name]
         if name == 'retrieval' and args.full:
             kwargs = dict(kwargs, queries=15_000)
+        if name == 'scale' and args.full:
+            kwargs = dict(kwargs, n_patients=15_000)
         t0 = time.perf_counter()
         print(f'\n[{time.strftime("%H:%M:%S")}] {name} ...', flush=True)
         res = run_isolated(name, kwargs)  # one failing benchmark must not hide the others' numbers

@@ -30,9 +30,15 @@ def padded_reference(model, scales, mask, images=None, features=None):
     return F.normalize(pooled, dim=-1), F.normalize(z, dim=-1).masked_fill(~mask[..., None], 0), attention
 
 
+_BUILT = {}
+
+
 def _model(model='tiny', **kwargs):
-    torch.manual_seed(0)
-    net = build_model(model, **kwargs).double()
+    key = (model, tuple(sorted(kwargs.items())))
+    if key not in _BUILT:  # building (the text tower, its tokenizer) is most of a test's time: once per config
+        torch.manual_seed(0)
+        _BUILT[key] = build_model(model, **kwargs)
+    net = copy.deepcopy(_BUILT[key]).double()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # the scale layers start at zero (and the mlp's last layer): make every path count
         for p in list(net.scale.parameters()) + list(net.aggregator.parameters()):

@@ -203,7 +203,7 @@ class ScaleConditioning(nn.Module):
                 gain, bias = gain + gamma, bias + beta
             return (1 + gain) * h + bias
         if self.mode == 'mlp':
-            x = h + feature(nm_per_px).to(h.dtype) if feature is not None else h
+            x = self._mlp_input(h, nm_per_px)
             return x + self.layers['mlp'](x)
         return h  # trunk mode: the scale already entered inside the trunk
 
@@ -215,10 +215,14 @@ class ScaleConditioning(nn.Module):
         """
         if self.mode != 'mlp':
             return pool(self(h, nm_per_px))
+        x, mlp = self._mlp_input(h, nm_per_px), self.layers['mlp']
+        return pool(x) + mlp[-1](pool(mlp[:-1](x)))
+
+    def _mlp_input(self, h: torch.Tensor, nm_per_px: torch.Tensor) -> torch.Tensor:
+        """x = h + e(s), what the mlp mode's MLP reads (h in the blind arm)."""
         feature = self.embeds['feature'] if 'feature' in self.embeds else None
         x = h + feature(nm_per_px).to(h.dtype) if feature is not None else h
-        mlp = self.layers['mlp']
-        return pool(x) + mlp[-1](pool(mlp[:-1](x)))
+        return x
 
     def attention_context(self, nm_per_px: torch.Tensor) -> Optional[torch.Tensor]:
         """Additive terms [B, K, 2H] for the gated-attention scorer's two hidden pre-activations, or None."""

@@ -128,8 +128,9 @@ def test_packed_single_and_unit_bags(sizes, aggregator, monkeypatch):
             assert_equal_to_padded(net, scales, mask, instances=instances, features=feats)
 
 
-@pytest.mark.parametrize('mode,aggregator,attention', [('mlp', 'mean', False), ('add', 'gated_attention', True),
-                                                       ('film', 'transformer', False), ('mlp', 'gated_attention', False)])
+@pytest.mark.parametrize('mode,aggregator,attention', [
+    ('mlp', 'mean', False), ('add', 'gated_attention', True), ('film', 'transformer', False),
+    ('mlp', 'gated_attention', False)])
 def test_packed_images_equal_padded(mode, aggregator, attention):
     net = _model(scale_mode=mode, aggregator=aggregator, scale_attention=attention).train()  # BN batch statistics
     scales, mask, images = _bags(images=True)

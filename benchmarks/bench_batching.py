@@ -1,13 +1,14 @@
-"""Benchmark 1: padded + masked batches of bags against one bag at a time, on cached trunk features.
+"""Benchmark 1: batched bags (packed, as shipped) against one bag at a time, on cached trunk features.
 
-    python benchmarks/bench_batching.py                     # 128 patients, batch 32, 3 epochs, gated attention
-    python benchmarks/bench_batching.py --aggregators mean gated_attention transformer --profile
+    python benchmarks/bench_batching.py                     # 128 patients, batch 32, 3 epochs, both heads
+    python benchmarks/bench_batching.py --heads mlp+mean add+gated_attention mlp+transformer --profile
 
 What is compared. The trainable part of the pretrained default in feature-cache mode: cached 1280-dim trunk features
-+ scale embedding -> image projection (1280 -> 256) -> MIL aggregator -> patient embedding, against cached pooled
-report features -> text projection; CLIP loss; one AdamW step per batch. Every arm sees the same patients in the same
-batches of B = 32 (the CLIP loss needs the batch for its negatives), from the same initial weights, and computes the
-same gradient:
+-> scale conditioning -> image projection (1280 -> 256) -> MIL aggregator -> patient embedding, against cached pooled
+report features -> text projection; CLIP loss; one AdamW step per batch. Two heads: the default (scale mode mlp:
+x = h + e(s), x + MLP(x), MLP 1280 -> 512 -> 1280; mean pooling) and the first release's (add: h + e(s); gated
+attention). Every arm sees the same patients in the same batches of B = 32 (the CLIP loss needs the batch for its
+negatives), from the same initial weights, and computes the same gradient:
 
 * ``batch1-accum``: one bag at a time, forward *and* backward, as ABMIL/CLAM/TransMIL train (batch size 1). A
   contrastive loss has no per-bag value, so the per-bag gradients are accumulated GradCache-style: embed the B bags
@@ -15,20 +16,23 @@ same gradient:
   with its embedding's gradient. The arm the brief defines;
 * ``batch1-graph``: one bag per forward call, the B graphs kept and one backward of the batch loss: the cheapest
   exact one-bag-at-a-time arm (no second forward), so the strictest comparison;
-* ``padded``: the B bags padded to the longest with a boolean mask, one ``model.encode_bags`` call for the whole
-  batch (as shipped);
-* ``packed``: a proposed ``encode_bags`` for cached features (``encode_packed`` below), batched too: the
-  per-instance layers run on the real instances only (no padding rows); the scale embedding is folded into the
-  projection, W(x + P e(s) + c) = Wx + (WP) e(s) + Wc, so the 1280-wide sum and its gradient are never formed; gated
-  attention and mean pooling score and pool the packed instances (padding gets -inf / no weight, as before).
+* ``padded (previous)``: the B bags padded to the longest with a boolean mask, every layer on the padded layout
+  (``encode_padded`` below: a faithful copy of ``encode_bags`` before the packed bags);
+* ``packed (shipped)``: ``model.encode_bags`` as shipped, batched: the per-instance layers run on the real instances
+  only, the aggregator pools them per bag; with mean pooling and a linear projection the bag is pooled before the
+  projection (and before the mlp's last layer), W·mean(x) + b = mean(W·x + b); in the add mode the scale embedding
+  is folded into the projection, W(x + P e(s) + c) = Wx + (WP) e(s) + Wc, from 140 instances on.
 
-The one-bag arms use the shipped ``encode_bags``: for bags below ~140 instances it is also the faster per-bag code
-(the fold costs a fixed 256x1280x64 product per call, which a batch pays once and a single bag pays every time).
+The one-bag arms call the same ``model.encode_bags`` (with ``instances=False``, as training does), so they get every
+algebraic saving the batched arm gets; what batching removes is the per-bag dispatch and the small, inefficient
+per-bag matrix products. "Equal results": the loss of the same bags in eval mode and the gradients of one step agree
+between arms to float rounding, and the per-epoch training losses of the arms, trained side by side, stay equal.
+Two bag-size settings: all instances (1-90 per bag, uniform, mean ~45; the real cohort averages 40) and the
+training default ``max_instances=16`` (bags of min(n, 16)).
 
-"Equal results": the loss of the same bags in eval mode and the gradients of one step agree between arms to float
-rounding, and the per-epoch training losses of the arms, trained side by side, stay equal. Two bag-size settings:
-all instances (1-90 per bag, uniform, mean ~45; the real cohort averages 40) and the training default
-``max_instances=16`` (bags of min(n, 16)).
+The FLOP floor: ``FlopCounterMode`` counts the matrix-product FLOPs of one step of every arm; the packed step's
+achieved GFLOP/s is set against a plain matmul of the head's widest layer, timed in the same run. A batched step at
+that rate cannot get faster, so (one-bag step time) x (matmul GFLOP/s) / (packed step FLOPs) bounds the ratio.
 """
 from __future__ import annotations
 
@@ -42,11 +46,13 @@ import time
 from benchutil import build, interleave, median, print_result, ratio, result, text_width  # before torch
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from emclip.data import collate_bags
 from emclip.loss import ClipLoss
-from emclip.model.aggregators import GatedAttentionPool, MeanPool
 
-ARMS = ('batch1-accum', 'batch1-graph', 'padded', 'packed')
+ARMS = ('batch1-accum', 'batch1-graph', 'padded (previous)', 'packed (shipped)')
+ONE_BAG, BATCHED = ARMS[:2], ARMS[2:]
+HEADS = ('mlp+mean', 'add+gated_attention')  # the default head, and the first release's
 
 
 def make_patients(n: int, max_bag: int, feature_dim: int, text_dim: int, cap: int | None, seed: int = 0) -> list:
@@ -66,58 +72,29 @@ def make_patients(n: int, max_bag: int, feature_dim: int, text_dim: int, cap: in
     return patients
 
 
-def _linear_of(module):
-    """The nn.Linear of a plain linear projection (open_clip's timm head is Dropout(0) + Linear), else None."""
-    if isinstance(module, torch.nn.Linear):
-        return module
-    layers = [m for m in module.children() if not (isinstance(m, torch.nn.Dropout) and m.p == 0)]
-    return layers[0] if len(layers) == 1 and isinstance(layers[0], torch.nn.Linear) else None
-
-
-def _additive_embed(model):
-    """The scale embedding of the additive mode (the prototype folds it into the projection), else None."""
-    if model.scale.mode != 'add' or model.scale_embed is None:
-        if model.scale.mode != 'add':
-            raise ValueError(f'the packed prototype covers scale mode "add" only, not {model.scale.mode!r}')
-        return None
-    return model.scale_embed['feature']
-
-
-def encode_packed(model, scales, mask, features):
-    """Patient embeddings as ``encode_bags(scales, mask, features=...)`` computes them, without work on padding."""
-    idx = mask.nonzero(as_tuple=True)
-    x = features[idx]  # [N, F] real instances only
-    lin, se, agg = _linear_of(model.image_proj), _additive_embed(model), model.aggregator
-    if lin is not None and se is not None and se.proj is not None:
-        enc = se.encoding(se.norm(scales[idx])).to(x.dtype)  # [N, 64]
-        bias = lin.weight @ se.proj.bias + (lin.bias if lin.bias is not None else 0)
-        z = F.linear(x, lin.weight) + F.linear(enc, lin.weight @ se.proj.weight, bias)
-    else:  # another projection or scale encoding: packing alone
-        z = model.image_proj(x + se(scales[idx]).to(x.dtype) if se is not None else x)
-    if isinstance(agg, (GatedAttentionPool, MeanPool)):
-        if isinstance(agg, GatedAttentionPool):
-            score = agg.attn_w(agg.drop(torch.tanh(agg.attn_v(z)) * torch.sigmoid(agg.attn_u(z)))).squeeze(-1)
-        else:
-            score = z.new_zeros(len(z))
-        weights = z.new_full(mask.shape, float('-inf')).index_put(idx, score).softmax(dim=1)  # masked softmax
-        pooled = z.new_zeros(mask.shape[0], z.shape[1]).index_add(0, idx[0], weights[idx][:, None] * z)
-    else:  # e.g. the transformer: it needs the padded layout
-        pooled, _ = agg(z.new_zeros(*mask.shape, z.shape[-1]).index_put(idx, z), mask)
+def encode_padded(model, scales, mask, features):
+    """Patient embeddings [B, E] as ``encode_bags(scales, mask, features=...)`` computed them before the packed bags
+    (issue 15): padding zeroed, every per-instance layer on all B x K slots, masked pooling, instances normalised."""
+    h = features.masked_fill(~mask[..., None], 0)
+    z = model.image_proj(model.scale(h, scales))
+    context = model.scale.attention_context(scales)
+    pooled, attention = model.aggregator(z, mask) if context is None else model.aggregator(z, mask, context)
+    F.normalize(z, dim=-1).masked_fill(~mask[..., None], 0)  # the instances it returned (part of its cost)
     return F.normalize(pooled, dim=-1)
 
 
 def one_bag(model, bag) -> torch.Tensor:
     mask = torch.ones(1, len(bag['features']), dtype=torch.bool)  # batch size 1: no padding
-    return model.encode_bags(bag['scales'][None], mask, features=bag['features'][None]).patient
+    return model.encode_bags(bag['scales'][None], mask, features=bag['features'][None], instances=False).patient
 
 
 def patient_embeddings(arm: str, model, bags: list) -> torch.Tensor:
     if arm.startswith('batch1'):
         return torch.cat([one_bag(model, b) for b in bags])
     batch = collate_bags(bags)  # the padding is part of the batched arms' cost, as in their DataLoader
-    if arm == 'padded':
-        return model.encode_bags(batch['scales'], batch['mask'], features=batch['features']).patient
-    return encode_packed(model, batch['scales'], batch['mask'], batch['features'])
+    if arm == 'padded (previous)':
+        return encode_padded(model, batch['scales'], batch['mask'], batch['features'])
+    return model.encode_bags(batch['scales'], batch['mask'], features=batch['features'], instances=False).patient
 
 
 def loss_backward(arm: str, model, bags: list, loss_fn) -> torch.Tensor:
@@ -199,26 +176,52 @@ def profile_step(base, bags, arm, top=10) -> str:
     return buf.getvalue()
 
 
-def flops_per_instance(model) -> dict:
-    """Multiply-add FLOPs per real instance of the per-instance layers, forward + backward, as shipped and packed."""
-    f, e = model.num_features, model.embed_dim
-    se = _additive_embed(model)
-    d = se.encoding.out_dim if se is not None and se.proj is not None else 0
-    shipped = 2 * (d * f) * 2 + 2 * (f * e) * 3  # scale proj: fwd + dW; image proj: fwd + dW + dX (for the scale grad)
-    packed = 2 * (f * e) * 2 + 2 * (d * e) * 2  # image proj: fwd + dW; folded scale term: fwd + dW (tiny)
-    return dict(shipped=shipped, packed=packed)
+def step_flops(base, bags, arm) -> float:
+    """Matrix-product FLOPs (forward + backward) of one training step of ``arm``, as torch counts them."""
+    model = copy.deepcopy(base).train()
+    with FlopCounterMode(display=False) as counter:
+        loss_backward(arm, model, bags, ClipLoss())
+    return float(counter.get_total_flops())
+
+
+def floor_check(base, bags, flops: float, rounds: int = 7) -> dict:
+    """The packed step against plain matmuls of the same total FLOPs ([N, F] x [F, W], W the head's widest
+    per-instance layer), interleaved round by round: how far the step is from its FLOP floor on this machine now."""
+    n = sum(len(b['features']) for b in bags)
+    w = max(m.out_features for m in base.modules() if isinstance(m, torch.nn.Linear)
+            and m.in_features == base.num_features)
+    a, b = torch.randn(n, base.num_features), torch.randn(base.num_features, w)
+    repeats = max(1, round(flops / (2 * n * base.num_features * w)))
+    model, loss_fn = copy.deepcopy(base).train(), ClipLoss()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss_backward('packed (shipped)', model, bags, loss_fn)
+
+    def matmuls():
+        for _ in range(repeats):
+            a @ b
+    t = interleave({'step': step, 'matmuls': matmuls}, rounds=rounds)
+    mm_rate = repeats * 2 * n * base.num_features * w / median(t['matmuls']) / 1e9
+    return dict(step_ms=median(t['step']) * 1e3, matmul_ms=median(t['matmuls']) * 1e3, matmul_gflops=mm_rate,
+                step_gflops=flops / median(t['step']) / 1e9, step_over_matmuls=median(
+                    [x / y for x, y in zip(t['step'], t['matmuls'])]))
+
+
+def build_head(config: str, head: str):
+    """The trainable part for feature-cache training: architecture only (its ordinary random init)."""
+    mode, aggregator = head.split('+')
+    return build(config, load_pretrained=False, lock_image=True, lock_text=True, aggregator=aggregator,
+                 scale_mode=mode)
 
 
 def run(n_patients: int = 128, batch_size: int = 32, epochs: int = 3, max_bag: int = 90, caps=(None, 16),
-        aggregators=('gated_attention',), lr: float = 1e-3, profile: bool = False, config='efficientnet_lite0_minilm'):
+        heads=HEADS, lr: float = 1e-3, profile: bool = False, config='efficientnet_lite0_minilm'):
     start = time.perf_counter()
     rows, ratios, notes, extra = [], [], [], {}
-    for aggregator in aggregators:
-        # architecture only: the trainable head starts from its ordinary random init, weights are irrelevant here
-        base = build(config, load_pretrained=False, lock_image=True, lock_text=True, aggregator=aggregator,
-                     scale_mode='add')  # the packed prototype covers add only
+    for head in heads:
+        base = build_head(config, head)
         feature_dim, tdim = base.num_features, text_width(base)
-        fl = flops_per_instance(base)
         for cap in caps:
             patients = make_patients(n_patients, max_bag, feature_dim, tdim, cap)
             sizes = torch.tensor([len(p['features']) for p in patients], dtype=torch.float)
@@ -226,42 +229,56 @@ def run(n_patients: int = 128, batch_size: int = 32, epochs: int = 3, max_bag: i
             fill = sum(len(p['features']) for p in first) / (batch_size * max(len(p['features']) for p in first))
             eq = equality_check(base, first, ARMS, ClipLoss())
             trained = train_side_by_side(base, patients, ARMS, batch_size, epochs, lr)
-            tag = f'{aggregator}, bags 1-{cap or max_bag}'
+            tag = f'{head}, bags 1-{cap or max_bag}'
             st = trained['step_times']
             ref_curve = trained['curves']['batch1-graph']
+            flops = {arm: step_flops(base, first, arm) for arm in ARMS}
             for arm in ARMS:
                 curve = trained['curves'][arm]
                 rows.append([tag, arm, round(median(st[arm]) * 1000, 1), round(batch_size / median(st[arm]), 1),
                              round(median([a / b for a, b in zip(st['batch1-accum'], st[arm])]), 2),
                              round(median([a / b for a, b in zip(st['batch1-graph'], st[arm])]), 2),
-                             eq[arm]['loss'], eq[arm]['loss_diff'], eq[arm]['grad_rel_diff'],
-                             ' > '.join(f'{x:.3f}' for x in curve), max(abs(a - b) for a, b in zip(curve, ref_curve))])
+                             round(flops[arm] / 1e9, 2), eq[arm]['loss'], eq[arm]['loss_diff'],
+                             eq[arm]['grad_rel_diff'], ' > '.join(f'{x:.3f}' for x in curve),
+                             max(abs(a - b) for a, b in zip(curve, ref_curve))])
             # paired per-step ratios: the arms of one step ran back to back under the same machine load
-            for batched in ('padded', 'packed'):
-                for ref in ('batch1-accum', 'batch1-graph'):
+            for batched in BATCHED:
+                for ref in ONE_BAG:
                     r = median([a / b for a, b in zip(st[ref], st[batched])])
-                    what = 'as shipped' if batched == 'padded' else 'proposed'
-                    ratios.append(ratio(f'{batched} ({what}) vs {ref}, patients/s [{tag}]', r, '>= 5', r >= 5,
-                                        'median of paired per-step ratios'))
-            r = median([a / b for a, b in zip(st['padded'], st['packed'])])
-            ratios.append(ratio(f'packed vs padded step time [{tag}]', r, meaning='gain of the proposed encode_bags'))
-            notes.append(f'[{tag}] mean bag {sizes.mean():.1f} images; the first batch fills {fill:.0%} of its padded '
-                         f'slots; per-instance layers cost {fl["shipped"] / 1e6:.2f} MFLOP (fwd+bwd) as shipped, '
-                         f'{fl["packed"] / 1e6:.2f} packed, so padded/packed compute is '
-                         f'{fl["shipped"] / fill / fl["packed"]:.1f}x on this batch')
+                    shipped = batched == 'packed (shipped)'  # the target is the shipped code's; padded is history
+                    ratios.append(ratio(f'{batched} vs {ref}, patients/s [{tag}]', r, '>= 5' if shipped else None,
+                                        r >= 5 if shipped else None, 'median of paired per-step ratios'))
+            r = median([a / b for a, b in zip(st['padded (previous)'], st['packed (shipped)'])])
+            ratios.append(ratio(f'packed vs padded step time [{tag}]', r, meaning='gain of the packed encode_bags'))
+            # the floor: the packed step against plain matmuls of its FLOPs, interleaved (same machine load)
+            n_inst = int(sum(len(p['features']) for p in first))
+            floor = floor_check(base, first, flops['packed (shipped)'])
+            # if the packed step ran at the plain-matmul rate, one-bag time / floor time would bound the speed-up
+            ceiling = {ref: median(st[ref]) / (floor['matmul_ms'] / 1e3) for ref in ONE_BAG}
+            extra[f'floor [{tag}]'] = dict(floor, ceiling=ceiling, flops_per_instance={a: flops[a] / n_inst
+                                                                                       for a in ARMS})
+            notes.append(f'[{tag}] mean bag {sizes.mean():.1f} images; the first batch ({n_inst} instances) fills '
+                         f'{fill:.0%} of its padded slots; matrix-product FLOPs per real instance, forward + '
+                         f'backward: ' + ', '.join(f'{a} {flops[a] / n_inst / 1e6:.2f} M' for a in ARMS) +
+                         f'. Floor, interleaved: the packed step {floor["step_ms"]:.1f} ms '
+                         f'({floor["step_gflops"]:.1f} GFLOP/s), plain matmuls of the same FLOPs '
+                         f'{floor["matmul_ms"]:.1f} ms ({floor["matmul_gflops"]:.1f} GFLOP/s), ratio '
+                         f'{floor["step_over_matmuls"]:.2f}; a step at the matmul rate would bound the speed-up at '
+                         f'{ceiling["batch1-accum"]:.1f}x vs batch1-accum, {ceiling["batch1-graph"]:.1f}x vs '
+                         f'batch1-graph')
             if profile:
                 for arm in ARMS:
                     extra[f'profile {tag} {arm}'] = profile_step(base, first, arm)
                     print(f'\n--- cProfile, one step, {tag}, {arm}\n' + extra[f'profile {tag} {arm}'])
     columns = ['setting', 'arm', 'ms/step (median)', 'patients/s', '× vs batch1-accum', '× vs batch1-graph',
-               'eval loss (first batch)', '|Δ eval loss|', 'max rel. |Δ grad|',
+               'GFLOP/step', 'eval loss (first batch)', '|Δ eval loss|', 'max rel. |Δ grad|',
                f'train loss per epoch ({epochs} ep.)', 'max |Δ train loss|']
     notes.append(f'{n_patients} patients, batch {batch_size}, {epochs} epochs (same batches, same init, AdamW lr {lr});'
                  ' '
                  f'differences are to batch1-graph; speed-ups are medians of paired per-step ratios, step times '
                  f'exclude each arm\'s first step')
     cfg = dict(n_patients=n_patients, batch_size=batch_size, epochs=epochs, max_bag=max_bag, caps=list(caps),
-               aggregators=list(aggregators), lr=lr, model=config, seconds=round(time.perf_counter() - start, 1))
+               heads=list(heads), lr=lr, model=config, seconds=round(time.perf_counter() - start, 1))
     return result('batching', '1. Batched bags vs one bag at a time (cached features, training step)', columns, rows,
                   ratios, notes, cfg, extra)
 
@@ -272,11 +289,13 @@ def main(argv=None):
     ap.add_argument('--batch-size', type=int, default=32)
     ap.add_argument('--epochs', type=int, default=3)
     ap.add_argument('--max-bag', type=int, default=90)
-    ap.add_argument('--aggregators', nargs='+', default=['gated_attention'])
+    ap.add_argument('--caps', type=int, nargs='+', default=[0, 16], help='bag-size caps, 0 = none')
+    ap.add_argument('--heads', nargs='+', default=list(HEADS), help='scale_mode+aggregator pairs')
+    ap.add_argument('--config', default='efficientnet_lite0_minilm')
     ap.add_argument('--profile', action='store_true', help='cProfile one step of every arm')
     args = ap.parse_args(argv)
-    res = run(args.patients, args.batch_size, args.epochs, args.max_bag, aggregators=args.aggregators,
-              profile=args.profile)
+    res = run(args.patients, args.batch_size, args.epochs, args.max_bag, caps=[c or None for c in args.caps],
+              heads=args.heads, profile=args.profile, config=args.config)
     print_result(res)
     return res
 

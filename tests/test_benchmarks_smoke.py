@@ -27,23 +27,39 @@ def _import_bench(name: str):
 
 
 @pytest.mark.parametrize('aggregator', ['mean', 'gated_attention', 'transformer'])
-@pytest.mark.parametrize('encoding', ['sincos', 'binned'])
-def test_packed_encoding_equals_encode_bags(aggregator, encoding):
+@pytest.mark.parametrize('mode,encoding', [('add', 'sincos'), ('add', 'binned'), ('mlp', 'sincos'), ('film', 'sincos')])
+def test_previous_padded_arm_equals_encode_bags(aggregator, mode, encoding):
+    """The benchmark's "padded (previous)" arm is still the same function as the shipped (packed) encode_bags."""
     bench = _import_bench('bench_batching')
     from emclip.model import build_model
     torch.manual_seed(0)
-    model = build_model('tiny', aggregator=aggregator, scale_encoding=encoding, scale_mode='add')
-    with torch.no_grad():  # non-zero scale weights, so that the folded scale term is really exercised
-        for p in model.scale_embed.parameters():
+    model = build_model('tiny', aggregator=aggregator, scale_encoding=encoding, scale_mode=mode)
+    with torch.no_grad():  # non-zero scale weights, so that the scale layers are really exercised
+        for p in model.scale.parameters():
             p.normal_()
     sizes = torch.tensor([3, 1, 5, 2])
     mask = torch.arange(5)[None] < sizes[:, None]
     feats = torch.randn(4, 5, model.num_features)
     feats[~mask] = float('nan')  # padding may hold anything
     scales = torch.exp(torch.empty(4, 5).uniform_(0.7, 4.6))
-    expected = model.encode_bags(scales, mask, features=feats).patient
-    got = bench.encode_packed(model, scales, mask, feats)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    expected = bench.encode_padded(model, scales, mask, feats)
+    for instances in (True, False):
+        got = model.encode_bags(scales, mask, features=feats, instances=instances).patient
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batching_bench_runs_both_heads_with_equal_results():
+    bench = _import_bench('bench_batching')
+    res = bench.run(config='tiny', n_patients=8, batch_size=4, epochs=1, max_bag=6, caps=[None])
+    cols = res['table']['columns']
+    arms = [row[cols.index('arm')] for row in res['table']['rows']]
+    assert arms == list(bench.ARMS) * len(bench.HEADS)
+    for row in res['table']['rows']:
+        assert row[cols.index('|Δ eval loss|')] < 1e-5 and row[cols.index('max rel. |Δ grad|')] < 1e-4
+    names = [r['name'] for r in res['ratios']]
+    for head in bench.HEADS:
+        assert f'packed (shipped) vs batch1-accum, patients/s [{head}, bags 1-6]' in names
+    assert all(k.startswith('floor [') for k in res['extra'])
 
 
 @pytest.mark.slow

@@ -6,7 +6,12 @@ the pooled bag feature [B, D] and per-instance weights [B, K] (zero on padding, 
 Bags of different sizes share one batch: padding never enters a sum and masked scores are set to -inf before every
 softmax, so a padded + masked bag gives exactly the result of the bag alone. ABMIL, CLAM and TransMIL sidestep
 this by training with batch size 1; contrastive learning needs many bags per step, hence the masks.
+
+``pool_packed`` gives the same result from the real instances alone, packed as ``x[mask]`` ([N, D], see ``Packed``):
+what the model uses, so that no per-instance layer ever runs on padding.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +32,48 @@ def check_bags(mask: torch.Tensor):
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return scores.masked_fill(~mask, float('-inf')).softmax(dim=dim)
+
+
+class Packed(NamedTuple):
+    """Where the real instances of padded bags sit once packed: ``x[mask]`` is [N, D], bag by bag, in mask order."""
+    mask: torch.Tensor  # [B, K] the padded layout
+    bag: torch.Tensor  # [N] bag (row) index of every packed instance
+    slot: torch.Tensor  # [N] its column in the padded layout
+    counts: torch.Tensor  # [B] instances per bag
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> 'Packed':
+        check_bags(mask)
+        bag, slot = mask.nonzero(as_tuple=True)
+        return cls(mask, bag, slot, mask.sum(dim=1))
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-bag sums [B, D] of packed rows x [N, D]."""
+        return x.new_zeros(len(self.counts), *x.shape[1:]).index_add(0, self.bag, x)
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-bag means [B, D] of packed rows x [N, D]."""
+        return self.sum(x) / self.counts.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+    def pad(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Packed rows [N, ...] in the padded layout [B, K, ...], ``fill`` on padding."""
+        return x.new_full((*self.mask.shape, *x.shape[1:]), fill).index_put((self.bag, self.slot), x)
+
+    def mean_weights(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weights [B, K] of a mean: 1/n_b on real instances, zero on padding."""
+        return self.mask.to(dtype) / self.counts.to(dtype)[:, None]
+
+
+def pool_packed(aggregator: nn.Module, x: torch.Tensor, packed: Packed, context: torch.Tensor = None):
+    """(pooled [B, D], weights [B, K]) of ``aggregator`` over packed instances x [N, D] (context [N, 2H] optional):
+    what ``aggregator(packed.pad(x), packed.mask[, context])`` returns, with no per-instance layer on padding."""
+    if isinstance(aggregator, MeanPool):
+        return packed.mean(x), packed.mean_weights(x.dtype)
+    if isinstance(aggregator, GatedAttentionPool):
+        weights = masked_softmax(packed.pad(aggregator.scores(x, context), float('-inf')), packed.mask)
+        return packed.sum(weights[packed.bag, packed.slot][:, None] * x), weights
+    # the transformer's attention needs the padded layout (its padding keys are masked, their values never read)
+    return aggregator(packed.pad(x), packed.mask)
 
 
 class MeanPool(nn.Module):
@@ -52,13 +99,16 @@ class GatedAttentionPool(nn.Module):
         """``context`` [B, K, 2·hidden], optional, is added to the two hidden pre-activations (V x, U x): how the
         scale conditions the scorer."""
         check_bags(mask)
+        weights = masked_softmax(self.scores(x, context), mask)
+        return torch.einsum('bk,bkd->bd', weights, x), weights
+
+    def scores(self, x: torch.Tensor, context: torch.Tensor = None) -> torch.Tensor:
+        """Unnormalised attention scores [...] of instances x [..., D], each scored on its own."""
         v, u = self.attn_v(x), self.attn_u(x)
         if context is not None:
             cv, cu = context.to(x.dtype).chunk(2, dim=-1)
             v, u = v + cv, u + cu
-        gated = torch.tanh(v) * torch.sigmoid(u)
-        weights = masked_softmax(self.attn_w(self.drop(gated)).squeeze(-1), mask)
-        return torch.einsum('bk,bkd->bd', weights, x), weights
+        return self.attn_w(self.drop(torch.tanh(v) * torch.sigmoid(u))).squeeze(-1)
 
 
 class MaskedSelfAttention(nn.MultiheadAttention):

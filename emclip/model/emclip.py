@@ -20,17 +20,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loss import LOSS_INIT
-from .aggregators import DEFAULT_AGGREGATOR, check_bags, create_aggregator
+from .aggregators import DEFAULT_AGGREGATOR, MeanPool, Packed, create_aggregator, pool_packed
 from .scale import ScaleConditioning
 from .towers import DEFAULT_MODEL, build_towers, load_model_config
 from .weights import load_checkpoint, state_digest
 
 LOGIT_SCALE_MAX = math.log(100.0)
+# From this many packed instances on, the add mode's scale embedding is folded into a linear projection: the fold
+# costs a fixed E x F x d product (and its gradient) per call and saves ~F x (d + E) per instance, so it pays off
+# above ~140 instances (docs/benchmarks.md, section 1); a small bag alone runs the plain layers.
+FOLD_MIN_INSTANCES = 140
 
 
 class BagEmbeddings(NamedTuple):
     patient: torch.Tensor  # [B, E] L2-normalised bag embeddings
-    instances: torch.Tensor  # [B, K, E] L2-normalised image embeddings, padding rows zero
+    instances: Optional[torch.Tensor]  # [B, K, E] L2-normalised image embeddings, padding rows zero (None: skipped)
     attention: torch.Tensor  # [B, K] aggregator weights, zero on padding
 
 
@@ -128,17 +132,23 @@ class EMClip(nn.Module):
             mask: torch.Tensor,
             images: Optional[torch.Tensor] = None,
             features: Optional[torch.Tensor] = None,
+            instances: bool = True,
     ) -> BagEmbeddings:
-        """Embed padded bags from images [B, K, C, H, W] or cached trunk features [B, K, F]."""
+        """Embed padded bags from images [B, K, C, H, W] or cached trunk features [B, K, F].
+
+        Only the real instances are computed: they are packed ([N, F] = h[mask]), every per-instance layer runs on
+        them, and the aggregator pools them per bag (``aggregators.pool_packed``); the result equals each bag
+        computed alone. ``instances=False`` skips the image-level embeddings (``instances`` is then None; training
+        needs only ``patient``): with mean pooling and a linear projection the bag is then pooled before the
+        projection, W·mean(x) + b = mean(W·x + b), and the mlp mode's last layer also runs per bag.
+        """
         mask, scales = mask.to(self.device), scales.to(self.device)
-        check_bags(mask)
+        packed = Packed.of(mask)
         if features is None:
             if images is None:
                 raise ValueError('encode_bags needs images [B, K, C, H, W] or features [B, K, F]')
             # only real images go through the trunk: saves compute and keeps padding out of BatchNorm statistics
-            feats = self.encode_trunk(images[mask.to(images.device)], scales[mask])
-            h = feats.new_zeros(*mask.shape, feats.shape[-1])
-            h[mask] = feats
+            h = self.encode_trunk(images[mask.to(images.device)], scales[mask])
         else:
             if self.scale_in_trunk:
                 raise ValueError('scale.mode "trunk" reads the scale inside the trunk: it needs images, not cached '
@@ -146,13 +156,24 @@ class EMClip(nn.Module):
             if features.shape[:2] != mask.shape or features.shape[-1] != self.num_features:
                 raise ValueError(f'features {tuple(features.shape)} do not match mask {tuple(mask.shape)} '
                                  f'and trunk width {self.num_features}')
-            # padding may hold anything in a cache; zero it so it cannot leak (0 * NaN is NaN)
-            h = features.to(self.device).masked_fill(~mask[..., None], 0)
-        z = self.image_proj(self.scale(h, scales))
-        context = self.scale.attention_context(scales)
-        pooled, attention = self.aggregator(z, mask) if context is None else self.aggregator(z, mask, context)
-        instances = F.normalize(z, dim=-1).masked_fill(~mask[..., None], 0)
-        return BagEmbeddings(F.normalize(pooled, dim=-1), instances, attention)
+            h = features.to(self.device)[mask]  # padding, whatever a cache holds there (NaN too), is never read
+        s = scales[mask]
+        proj = _linear_of(self.image_proj)
+        if not instances and proj is not None and isinstance(self.aggregator, MeanPool):
+            pooled = proj(self.scale.pooled(h, s, packed.mean))
+            return BagEmbeddings(F.normalize(pooled, dim=-1), None, packed.mean_weights(pooled.dtype))
+        z = self._project(h, s, proj)
+        pooled, attention = pool_packed(self.aggregator, z, packed, self.scale.attention_context(s))
+        return BagEmbeddings(F.normalize(pooled, dim=-1), packed.pad(F.normalize(z, dim=-1)) if instances else None,
+                             attention)
+
+    def _project(self, h: torch.Tensor, s: torch.Tensor, proj: Optional[nn.Linear]) -> torch.Tensor:
+        """Image embeddings z [N, E] = image_proj(scale(h, s)) of packed trunk features h [N, F] and nm/px s [N]."""
+        embed = self.scale.embeds['feature'] if self.scale.mode == 'add' and 'feature' in self.scale.embeds else None
+        if embed is not None and proj is not None and not h.requires_grad and len(h) >= FOLD_MIN_INSTANCES:
+            # W(h + e(s)) + b = W·h + (W·e)(s) + b: the F-wide sum and its gradient (needed only by e) never exist
+            return F.linear(h, proj.weight, proj.bias) + embed.through(s, proj.weight)
+        return self.image_proj(self.scale(h, s))
 
     def tokenize(self, texts: Union[str, List[str]]) -> torch.Tensor:
         tokens = self.tokenizer([texts] if isinstance(texts, str) else list(texts))
@@ -181,16 +202,18 @@ class EMClip(nn.Module):
         with torch.no_grad():
             self.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
 
-    def forward(self, batch: dict) -> Dict[str, torch.Tensor]:
-        """Embeddings of a collated batch; cached pooled report features may come as ``batch["text_features"]``."""
+    def forward(self, batch: dict, instances: bool = True) -> Dict[str, torch.Tensor]:
+        """Embeddings of a collated batch; cached pooled report features may come as ``batch["text_features"]``.
+        ``instances=False`` leaves the image-level embeddings out (see ``encode_bags``): a training step's saving."""
         bags = self.encode_bags(batch['scales'], batch['mask'], images=batch.get('images'),
-                                features=batch.get('features'))
+                                features=batch.get('features'), instances=instances)
         if batch.get('text_features') is not None:
             report = self.project_text(batch['text_features'])
         else:
             report = self.encode_text(batch['reports'])
-        out = dict(patient=bags.patient, report=report, instances=bags.instances, attention=bags.attention,
-                   logit_scale=self.logit_scale.exp())
+        out = dict(patient=bags.patient, report=report, attention=bags.attention, logit_scale=self.logit_scale.exp())
+        if instances:
+            out['instances'] = bags.instances
         if self.logit_bias is not None:
             out['logit_bias'] = self.logit_bias
         return out
@@ -215,6 +238,16 @@ class EMClip(nn.Module):
         counts['total'] = count(self)
         counts['trainable'] = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return counts
+
+
+def _linear_of(module: nn.Module) -> Optional[nn.Linear]:
+    """The nn.Linear of a plain linear projection (open_clip's timm head is Dropout(0) + Linear), else None."""
+    if isinstance(module, nn.Linear):
+        return module
+    if not isinstance(module, nn.Sequential):
+        return None
+    layers = [m for m in module if not (isinstance(m, nn.Dropout) and m.p == 0)]
+    return layers[0] if len(layers) == 1 and isinstance(layers[0], nn.Linear) else None
 
 
 def _merge(base: dict, update: dict) -> dict:

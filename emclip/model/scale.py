@@ -16,9 +16,10 @@ scale-aware model computes exactly what the scale-blind baseline computes; the d
 """
 import contextlib
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SCALE_ENCODINGS = ('sincos', 'fourier', 'binned')
@@ -105,8 +106,20 @@ class ScaleEmbed(nn.Module):
     def forward(self, nm_per_px: torch.Tensor) -> torch.Tensor:
         u = self.norm(nm_per_px)
         if self.encoding is None:
-            return self.table(torch.bucketize(u.contiguous(), self.edges.to(u.dtype)))
+            return self.table(self._bins(u))
         return self.proj(self.encoding(u).to(self.proj.weight.dtype))
+
+    def through(self, nm_per_px: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """e(s) @ weight.T [..., out] without forming the feature_dim-wide e(s): the linear maps are multiplied
+        first, (P enc + c) Wᵀ = enc (W P)ᵀ + W c (a table: its rows times Wᵀ), so neither e(s) nor its gradient is
+        ever [..., feature_dim]."""
+        u = self.norm(nm_per_px)
+        if self.encoding is None:
+            return F.embedding(self._bins(u), self.table.weight @ weight.T)
+        return F.linear(self.encoding(u).to(weight.dtype), weight @ self.proj.weight, weight @ self.proj.bias)
+
+    def _bins(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.bucketize(u.contiguous(), self.edges.to(u.dtype))
 
 
 def create_scale_embed(feature_dim: int, cfg: dict, encoding: str = None) -> ScaleEmbed:
@@ -190,9 +203,26 @@ class ScaleConditioning(nn.Module):
                 gain, bias = gain + gamma, bias + beta
             return (1 + gain) * h + bias
         if self.mode == 'mlp':
-            x = h + feature(nm_per_px).to(h.dtype) if feature is not None else h
+            x = self._mlp_input(h, nm_per_px)
             return x + self.layers['mlp'](x)
         return h  # trunk mode: the scale already entered inside the trunk
+
+    def pooled(self, h: torch.Tensor, nm_per_px: torch.Tensor, pool: Callable) -> torch.Tensor:
+        """``pool(self(h, nm_per_px))`` for an affine ``pool`` whose weights sum to one (a mean per bag), cheaper.
+
+        In the mlp mode the MLP's last layer L is affine too, so pool(x + L(g(x))) = pool(x) + L(pool(g(x))): L runs
+        on the pooled rows instead of on every instance, and its gradient is no instance-wide product either.
+        """
+        if self.mode != 'mlp':
+            return pool(self(h, nm_per_px))
+        x, mlp = self._mlp_input(h, nm_per_px), self.layers['mlp']
+        return pool(x) + mlp[-1](pool(mlp[:-1](x)))
+
+    def _mlp_input(self, h: torch.Tensor, nm_per_px: torch.Tensor) -> torch.Tensor:
+        """x = h + e(s), what the mlp mode's MLP reads (h in the blind arm)."""
+        feature = self.embeds['feature'] if 'feature' in self.embeds else None
+        x = h + feature(nm_per_px).to(h.dtype) if feature is not None else h
+        return x
 
     def attention_context(self, nm_per_px: torch.Tensor) -> Optional[torch.Tensor]:
         """Additive terms [B, K, 2H] for the gated-attention scorer's two hidden pre-activations, or None."""

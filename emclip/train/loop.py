@@ -111,7 +111,7 @@ class _Trainer:
         """(patient, report) embeddings of one micro-batch, through the (possibly DDP-wrapped) model."""
         if self.text is not None:
             batch = dict(batch, text_features=self.text.lookup(batch["patient_ids"]).to(self.acc.device))
-        out = self.model(batch)
+        out = self.model(batch, instances=False)   # the loss needs the bags only: pool before the projection
         return out["patient"], out["report"]
 
     def loss(self, patient, report) -> torch.Tensor:

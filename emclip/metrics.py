@@ -28,14 +28,16 @@ import torch
 from scipy.stats import rankdata
 
 __all__ = [
-    'retrieval_ranks', 'retrieval_ranks_from_embeddings', 'recall_at_k', 'recall_at_k_from_embeddings',
-    'recall_from_ranks', 'median_rank', 'roc_auc_ovr', 'classification_metrics', 'headline_metrics',
+    'retrieval_ranks', 'retrieval_ranks_from_embeddings', 'retrieval_ranks_by_label', 'recall_at_k',
+    'recall_at_k_from_embeddings', 'recall_from_ranks', 'median_rank', 'roc_auc_ovr', 'classification_metrics', 'headline_metrics',
     'bootstrap_ci', 'paired_bootstrap', 'bootstrap_difference', 'HEADLINE_METRICS',
 ]
 
 DEFAULT_KS = (1, 5, 10, 50)
 _CHUNK_BYTES = 256 * 2 ** 20  # score-matrix budget per chunk when chunk_size is not given
 _BLOCK_ELEMENTS = 2 ** 22
+# which items count as ranked before the best positive: at or above it (pessimistic ties) or strictly above it
+_COMPARE = {'pessimistic': torch.ge, 'optimistic': torch.gt}
 
 
 # ----------------------------------------------------------------------------------------------- retrieval
@@ -48,10 +50,11 @@ class _ItemSets:
     """Per-query item sets (positives or exclusions) sliceable by query chunk.
 
     Accepts a boolean matrix (queries x items), one index per query (1-D ints), a sequence of index sequences,
-    or a callable ``fn(start, stop) -> bool [stop - start, n_items]`` that builds the mask lazily.
+    or a callable ``fn(start, stop) -> bool [stop - start, n_items]`` that builds the mask lazily. Index lists are
+    sets: a repeated index counts once, as in the mask forms.
     """
 
-    def __init__(self, spec, n_queries: int):
+    def __init__(self, spec, n_queries: int, n_items: int):
         self.fn = self.mask = None
         if callable(spec):
             self.fn = spec
@@ -59,8 +62,9 @@ class _ItemSets:
         is_bool = (isinstance(spec, torch.Tensor) and spec.dtype == torch.bool) or \
             (isinstance(spec, np.ndarray) and spec.dtype == np.bool_)
         if is_bool:
-            if spec.ndim != 2 or spec.shape[0] != n_queries:
-                raise ValueError(f'boolean item mask must be (n_queries={n_queries}, n_items), got {tuple(spec.shape)}')
+            if spec.ndim != 2 or tuple(spec.shape) != (n_queries, n_items):
+                raise ValueError(f'boolean item mask must be (n_queries={n_queries}, n_items={n_items}), '
+                                 f'got {tuple(spec.shape)}')
             self.mask = _as_tensor(spec)
             return
         if isinstance(spec, (torch.Tensor, np.ndarray)) and spec.ndim == 1:
@@ -70,9 +74,12 @@ class _ItemSets:
         if len(lists) != n_queries:
             raise ValueError(f'got item sets for {len(lists)} queries, expected {n_queries}')
         lengths = np.array([len(s) for s in lists], dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
-        self.cols = np.concatenate(lists).astype(np.int64) if lengths.sum() else np.zeros(0, np.int64)
-        self.rows = np.repeat(np.arange(n_queries), lengths)
+        cols = np.concatenate(lists).astype(np.int64) if lengths.sum() else np.zeros(0, np.int64)
+        if len(cols) and (cols.min() < 0 or cols.max() >= n_items):
+            raise ValueError(f'item indices must lie in [0, {n_items}), got [{cols.min()}, {cols.max()}]')
+        keys = np.unique(np.repeat(np.arange(n_queries, dtype=np.int64), lengths) * n_items + cols)  # sorted sets
+        self.rows, self.cols = keys // max(1, n_items), keys % max(1, n_items)
+        self.offsets = np.searchsorted(self.rows, np.arange(n_queries + 1))
 
     def chunk(self, start: int, stop: int, device):
         """Return ('mask', bool [c, n]) or ('index', row ids relative to start, column ids)."""
@@ -85,40 +92,111 @@ class _ItemSets:
         return 'index', rows, torch.from_numpy(self.cols[a:b]).to(device)
 
 
+class _LabelSets:
+    """Positives by label: the items sharing the query's label (labels < 0 match nothing), as column indices."""
+
+    def __init__(self, query_label, item_label, device):
+        self.query_label = np.asarray(query_label, dtype=np.int64)
+        item_label = np.asarray(item_label, dtype=np.int64)
+        order = np.argsort(item_label, kind='stable')
+        values, starts, counts = np.unique(item_label[order], return_index=True, return_counts=True)
+        self.columns = {int(v): torch.from_numpy(np.sort(order[s:s + n])).to(device)
+                        for v, s, n in zip(values, starts, counts) if v >= 0}
+
+    def chunk(self, start: int, stop: int):
+        """[(row ids relative to start, column ids)] for every label among the chunk's queries."""
+        labels = self.query_label[start:stop]
+        out = []
+        for v in np.unique(labels):
+            if int(v) in self.columns:
+                out.append((torch.from_numpy(np.flatnonzero(labels == v)), self.columns[int(v)]))
+        return out
+
+
+def _own_group_items(query_group, item_group, n_items: int) -> _ItemSets:
+    """Exclusion sets 'the items of the query's own group' as index lists, without a queries x items mask."""
+    query_group, item_group = np.asarray(query_group, dtype=np.int64), np.asarray(item_group, dtype=np.int64)
+    order = np.argsort(item_group, kind='stable')
+    sorted_groups = item_group[order]
+    lo, hi = np.searchsorted(sorted_groups, query_group, 'left'), np.searchsorted(sorted_groups, query_group, 'right')
+    return _ItemSets([order[a:b] for a, b in zip(lo, hi)], len(query_group), n_items)
+
+
 def _column_blocks(n_rows: int, n_cols: int):
-    # reductions over a bool matrix upcast it to int64 in one go (8 bytes per element); doing them on column
-    # blocks of ~4M elements keeps that temporary small next to the score chunk itself
+    # boolean reductions upcast to int64 in one go (8 bytes per element); column blocks of ~4M elements keep such
+    # temporaries small next to the score chunk itself
     width = max(1, _BLOCK_ELEMENTS // max(1, n_rows))
     return [(a, min(n_cols, a + width)) for a in range(0, n_cols, width)]
 
 
-def _chunk_ranks(scores: torch.Tensor, pos: tuple, excl: tuple | None, ties: str) -> torch.Tensor:
-    """Ranks of the first positive for one chunk of the score matrix (modified in place)."""
-    c, n = scores.shape
-    blocks = _column_blocks(c, n)
-    if excl is not None:  # exclusion first, so an excluded positive cannot count
-        if excl[0] == 'mask':
-            scores.masked_fill_(excl[1], float('-inf'))
-        else:
-            scores[excl[1], excl[2]] = float('-inf')
+def _exclude(scores: torch.Tensor, excl: tuple | None) -> None:
+    if excl is None:
+        return
+    if excl[0] == 'mask':
+        scores.masked_fill_(excl[1], float('-inf'))
+    elif excl[1].numel():
+        scores[excl[1], excl[2]] = float('-inf')
+
+
+def _gather_blocks(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+    """scores[rows][:, cols] in column blocks of ~_BLOCK_ELEMENTS (never a copy of whole score rows)."""
+    r = rows[:, None]
+    for a, b in _column_blocks(len(rows), len(cols)):
+        yield scores[r, cols[None, a:b]]
+
+
+def _best_positive(scores: torch.Tensor, pos) -> torch.Tensor:
+    """Score of each query's best (non-excluded) positive; -inf when it has none. Read off the chunk itself, so it
+    is bit-identical to the positive's entry that the count below compares against."""
+    c = scores.shape[0]
     best = torch.full((c,), float('-inf'), dtype=scores.dtype, device=scores.device)
-    if pos[0] == 'mask':
-        for a, b in blocks:
+    if isinstance(pos, list):  # label sets
+        for rows, cols in pos:
+            rows = rows.to(scores.device)
+            for block in _gather_blocks(scores, rows, cols):
+                best[rows] = torch.maximum(best[rows], block.amax(dim=1))
+    elif pos[0] == 'mask':
+        for a, b in _column_blocks(c, scores.shape[1]):
             best = torch.maximum(best, scores[:, a:b].masked_fill(~pos[1][:, a:b], float('-inf')).amax(dim=1))
     elif pos[1].numel():
-        best = best.scatter_reduce(0, pos[1], scores[pos[1], pos[2]], reduce='amax')
-    # optimistic: positives cannot score above the best positive, so every item above it is a negative;
-    # pessimistic: count everything at or above it, then take the positives back out
-    n_before = torch.zeros(c, dtype=torch.int64, device=scores.device)
-    for a, b in blocks:
-        above = scores[:, a:b] > best[:, None] if ties == 'optimistic' else scores[:, a:b] >= best[:, None]
-        n_before += above.sum(dim=1)
-        if ties == 'pessimistic' and pos[0] == 'mask':
-            n_before -= (above & pos[1][:, a:b]).sum(dim=1)
-    if ties == 'pessimistic' and pos[0] == 'index' and pos[1].numel():
-        tied = (scores[pos[1], pos[2]] >= best[pos[1]]).long()
-        n_before.index_add_(0, pos[1], -tied)
-    ranks = (n_before + 1).double()
+        best.scatter_reduce_(0, pos[1], scores[pos[1], pos[2]], reduce='amax')
+    return best
+
+
+def _positives_at_or_above(above: torch.Tensor, pos) -> torch.Tensor:
+    """Per query, how many positives the 0/1 matrix ``above`` marks (the ties of the best positive, pessimistic)."""
+    c = above.shape[0]
+    n = torch.zeros(c, dtype=above.dtype, device=above.device)
+    if isinstance(pos, list):
+        for rows, cols in pos:
+            rows = rows.to(above.device)
+            for block in _gather_blocks(above, rows, cols):
+                n.index_add_(0, rows, block.sum(dim=1))
+    elif pos[0] == 'mask':
+        for a, b in _column_blocks(c, above.shape[1]):
+            n += above[:, a:b].masked_fill(~pos[1][:, a:b], 0).sum(dim=1)
+    elif pos[1].numel():
+        n.index_add_(0, pos[1], above[pos[1], pos[2]])
+    return n
+
+
+def _chunk_ranks(scores: torch.Tensor, pos, excl: tuple | None, ties: str) -> torch.Tensor:
+    """Ranks of the first positive for one chunk of the score matrix, which is overwritten.
+
+    rank = 1 + #{items scoring above the best positive} (optimistic: strictly above, where no positive can be;
+    pessimistic: at or above, minus the positives found there). Excluded items are set to -inf first, so they
+    count for nothing. One comparison pass and one row sum over the chunk, no sort, no top-k, no boolean
+    temporaries: the comparison writes 1.0/0.0 over the scores in place, and a float row sum of 0/1 values is
+    exact while it stays below 2^24 (else it is summed in float64).
+    """
+    _exclude(scores, excl)
+    best = _best_positive(scores, pos)
+    above = _COMPARE[ties](scores, best[:, None], out=scores)
+    exact = above.dtype == torch.float64 or (above.dtype == torch.float32 and above.shape[1] < 2 ** 24)
+    n_before = above.sum(dim=1) if exact else above.sum(dim=1, dtype=torch.float64)
+    if ties == 'pessimistic':
+        n_before = n_before - _positives_at_or_above(above, pos)
+    ranks = n_before.double() + 1
     ranks[torch.isneginf(best)] = float('inf')  # no usable positive
     return ranks
 
@@ -128,6 +206,10 @@ def _check_ties(ties: str):
         raise ValueError(f"ties must be 'pessimistic' or 'optimistic', got {ties!r}")
 
 
+def _chunk_rows(n_items: int, itemsize: int, chunk_size: int | None) -> int:
+    return chunk_size or max(1, _CHUNK_BYTES // max(1, n_items * itemsize))
+
+
 def retrieval_ranks(similarity, positives, exclude=None, ties: str = 'pessimistic', chunk_size: int | None = None):
     """Rank of the first positive per query from a dense (queries x items) similarity matrix.
 
@@ -135,15 +217,33 @@ def retrieval_ranks(similarity, positives, exclude=None, ties: str = 'pessimisti
     """
     _check_ties(ties)
     sim = _as_tensor(similarity)
+    if not sim.is_floating_point():
+        sim = sim.double()  # integer scores: exact in float64, and -inf is needed for exclusions
     n_q, n_i = sim.shape
-    pos, excl = _ItemSets(positives, n_q), (_ItemSets(exclude, n_q) if exclude is not None else None)
-    chunk_size = chunk_size or max(1, _CHUNK_BYTES // max(1, n_i * sim.element_size()))
+    pos, excl = _ItemSets(positives, n_q, n_i), (_ItemSets(exclude, n_q, n_i) if exclude is not None else None)
+    rows = _chunk_rows(n_i, sim.element_size(), chunk_size)
+    buf = torch.empty(min(rows, n_q), n_i, dtype=sim.dtype, device=sim.device)  # reused: masking happens in place
     out = []
-    for a in range(0, n_q, chunk_size):
-        b = min(n_q, a + chunk_size)
-        block = sim[a:b].clone()  # masking happens in place
+    for a in range(0, n_q, rows):
+        b = min(n_q, a + rows)
+        block = buf[:b - a].copy_(sim[a:b])
         out.append(_chunk_ranks(block, pos.chunk(a, b, sim.device),
                                 excl.chunk(a, b, sim.device) if excl else None, ties))
+    return torch.cat(out).cpu().numpy() if out else np.zeros(0)
+
+
+def _embedding_ranks(q: torch.Tensor, x: torch.Tensor, positives, excl: _ItemSets | None, chunk_size, ties):
+    """The chunk loop: ``q[a:b] @ x.T`` into one reused buffer (a fresh 100+ MB matrix per chunk costs page faults
+    as large as the ranking itself), then :func:`_chunk_ranks` on it."""
+    n_q, n_i = q.shape[0], x.shape[0]
+    rows = _chunk_rows(n_i, x.element_size(), chunk_size)
+    buf = torch.empty(min(rows, n_q), n_i, dtype=torch.promote_types(q.dtype, x.dtype), device=x.device)
+    xt, out = x.T, []
+    for a in range(0, n_q, rows):
+        b = min(n_q, a + rows)
+        scores = torch.matmul(q[a:b], xt, out=buf[:b - a])
+        pos = positives.chunk(a, b) if isinstance(positives, _LabelSets) else positives.chunk(a, b, x.device)
+        out.append(_chunk_ranks(scores, pos, excl.chunk(a, b, x.device) if excl else None, ties))
     return torch.cat(out).cpu().numpy() if out else np.zeros(0)
 
 
@@ -153,23 +253,41 @@ def retrieval_ranks_from_embeddings(
         device: str | torch.device | None = None):
     """Ranks computed lazily: ``queries @ items.T`` is formed one chunk of ``chunk_size`` queries at a time.
 
-    Peak extra memory is about ``chunk_size * n_items * (itemsize + 1)`` bytes. The dtype of the embeddings is
-    kept (float32 stays float32), so chunked and dense ranks agree whenever scores are not within rounding
-    of each other.
+    Peak extra memory is about ``chunk_size * n_items * itemsize`` bytes (one score buffer, reused). The dtype of
+    the embeddings is kept (float32 stays float32), so chunked and dense ranks agree whenever scores are not
+    within rounding of each other.
     """
     _check_ties(ties)
     q, x = _as_tensor(queries, device), _as_tensor(items, device)
     n_q, n_i = q.shape[0], x.shape[0]
-    pos, excl = _ItemSets(positives, n_q), (_ItemSets(exclude, n_q) if exclude is not None else None)
-    chunk_size = chunk_size or max(1, _CHUNK_BYTES // max(1, n_i * x.element_size()))
-    out = []
-    for a in range(0, n_q, chunk_size):
-        b = min(n_q, a + chunk_size)
-        scores = q[a:b] @ x.T
-        out.append(_chunk_ranks(scores, pos.chunk(a, b, x.device), excl.chunk(a, b, x.device) if excl else None,
-                                ties))
-        del scores
-    return torch.cat(out).cpu().numpy() if out else np.zeros(0)
+    pos, excl = _ItemSets(positives, n_q, n_i), (_ItemSets(exclude, n_q, n_i) if exclude is not None else None)
+    return _embedding_ranks(q, x, pos, excl, chunk_size, ties)
+
+
+@torch.no_grad()
+def retrieval_ranks_by_label(queries, items, query_label, item_label, query_group=None, item_group=None,
+                             chunk_size: int | None = None, ties: str = 'pessimistic',
+                             device: str | torch.device | None = None):
+    """Ranks when a query's positives are the items with its label, its own group's items excluded.
+
+    The same ranks as :func:`retrieval_ranks_from_embeddings` with ``positives = (item_label == query_label) &
+    (item_group != query_group)`` and ``exclude = item_group == query_group`` (labels < 0 match nothing), without
+    building either queries x items mask: the positives are gathered per label, the exclusions are index lists.
+    Labels and groups are integers (e.g. class index, -1 unlabelled; patient row).
+    """
+    _check_ties(ties)
+    q, x = _as_tensor(queries, device), _as_tensor(items, device)
+    n_q, n_i = q.shape[0], x.shape[0]
+    if len(query_label) != n_q or len(item_label) != n_i:
+        raise ValueError(f'labels: {len(query_label)} for {n_q} queries, {len(item_label)} for {n_i} items')
+    excl = None
+    if (query_group is None) != (item_group is None):
+        raise ValueError('give both query_group and item_group, or neither')
+    if query_group is not None:
+        if len(query_group) != n_q or len(item_group) != n_i:
+            raise ValueError(f'groups: {len(query_group)} for {n_q} queries, {len(item_group)} for {n_i} items')
+        excl = _own_group_items(query_group, item_group, n_i)
+    return _embedding_ranks(q, x, _LabelSets(query_label, item_label, x.device), excl, chunk_size, ties)
 
 
 def recall_from_ranks(ranks, ks: Sequence[int] = DEFAULT_KS) -> dict[int, float]:

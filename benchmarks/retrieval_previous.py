@@ -166,7 +166,14 @@ def image_image_retrieval_previous(emb: Embeddings, chunk_size: int | None = Non
     if max_queries is not None and n_total > max_queries:
         queries = np.sort(np.random.default_rng(seed).choice(queries, size=max_queries, replace=False))
     owner = emb.image_patient
+    ranks = image_image_ranks_previous(emb.image, label, owner, queries, chunk_size)
+    return RetrievalResult('image_to_image', ranks, owner[queries], emb.n_images,
+                           'query: labelled image; gallery: images of other patients in the split; positive: same '
+                           'diagnosis (PLIP p@K)', n_queries_total=n_total, query_index=queries)
 
+
+def image_image_ranks_previous(image, label, owner, queries, chunk_size=None):
+    """The ranking call of ``image_image_retrieval_previous`` (its masks built lazily per chunk, as shipped)."""
     def positives(a: int, b: int) -> np.ndarray:
         q = queries[a:b]
         return (label[None, :] == label[q, None]) & (owner[None, :] != owner[q, None])
@@ -174,8 +181,5 @@ def image_image_retrieval_previous(emb: Embeddings, chunk_size: int | None = Non
     def exclude(a: int, b: int) -> np.ndarray:
         return owner[None, :] == owner[queries[a:b], None]
 
-    ranks = retrieval_ranks_from_embeddings_previous(emb.image[queries], emb.image, positives, exclude=exclude,
-                                                     chunk_size=chunk_size)
-    return RetrievalResult('image_to_image', ranks, owner[queries], emb.n_images,
-                           'query: labelled image; gallery: images of other patients in the split; positive: same '
-                           'diagnosis (PLIP p@K)', n_queries_total=n_total, query_index=queries)
+    return retrieval_ranks_from_embeddings_previous(image[queries], image, positives, exclude=exclude,
+                                                    chunk_size=chunk_size)

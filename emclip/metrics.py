@@ -29,8 +29,8 @@ from scipy.stats import rankdata
 
 __all__ = [
     'retrieval_ranks', 'retrieval_ranks_from_embeddings', 'retrieval_ranks_by_label', 'recall_at_k',
-    'recall_at_k_from_embeddings', 'recall_from_ranks', 'median_rank', 'roc_auc_ovr', 'classification_metrics', 'headline_metrics',
-    'bootstrap_ci', 'paired_bootstrap', 'bootstrap_difference', 'HEADLINE_METRICS',
+    'recall_at_k_from_embeddings', 'recall_from_ranks', 'median_rank', 'roc_auc_ovr', 'classification_metrics',
+    'headline_metrics', 'bootstrap_ci', 'paired_bootstrap', 'bootstrap_difference', 'HEADLINE_METRICS',
 ]
 
 DEFAULT_KS = (1, 5, 10, 50)
@@ -104,13 +104,13 @@ class _LabelSets:
                         for v, s, n in zip(values, starts, counts) if v >= 0}
 
     def chunk(self, start: int, stop: int):
-        """[(row ids relative to start, column ids)] for every label among the chunk's queries."""
+        """[(slice of rows relative to start, column ids)] per label of the chunk; queries come sorted by label."""
         labels = self.query_label[start:stop]
-        out = []
-        for v in np.unique(labels):
-            if int(v) in self.columns:
-                out.append((torch.from_numpy(np.flatnonzero(labels == v)), self.columns[int(v)]))
-        return out
+        values, first, counts = np.unique(labels, return_index=True, return_counts=True)
+        if np.any(np.diff(labels) < 0):
+            raise ValueError('label sets need the queries sorted by label')
+        return [(slice(int(f), int(f + n)), self.columns[int(v)])
+                for v, f, n in zip(values, first, counts) if int(v) in self.columns]
 
 
 def _own_group_items(query_group, item_group, n_items: int) -> _ItemSets:
@@ -138,11 +138,11 @@ def _exclude(scores: torch.Tensor, excl: tuple | None) -> None:
         scores[excl[1], excl[2]] = float('-inf')
 
 
-def _gather_blocks(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
-    """scores[rows][:, cols] in column blocks of ~_BLOCK_ELEMENTS (never a copy of whole score rows)."""
-    r = rows[:, None]
-    for a, b in _column_blocks(len(rows), len(cols)):
-        yield scores[r, cols[None, a:b]]
+def _gather_blocks(scores: torch.Tensor, rows: slice, cols: torch.Tensor):
+    """scores[rows][:, cols] in column blocks of ~_BLOCK_ELEMENTS (contiguous rows: a fast index_select)."""
+    part = scores[rows]
+    for a, b in _column_blocks(part.shape[0], len(cols)):
+        yield part.index_select(1, cols[a:b])
 
 
 def _best_positive(scores: torch.Tensor, pos) -> torch.Tensor:
@@ -152,7 +152,6 @@ def _best_positive(scores: torch.Tensor, pos) -> torch.Tensor:
     best = torch.full((c,), float('-inf'), dtype=scores.dtype, device=scores.device)
     if isinstance(pos, list):  # label sets
         for rows, cols in pos:
-            rows = rows.to(scores.device)
             for block in _gather_blocks(scores, rows, cols):
                 best[rows] = torch.maximum(best[rows], block.amax(dim=1))
     elif pos[0] == 'mask':
@@ -169,9 +168,8 @@ def _positives_at_or_above(above: torch.Tensor, pos) -> torch.Tensor:
     n = torch.zeros(c, dtype=above.dtype, device=above.device)
     if isinstance(pos, list):
         for rows, cols in pos:
-            rows = rows.to(above.device)
             for block in _gather_blocks(above, rows, cols):
-                n.index_add_(0, rows, block.sum(dim=1))
+                n[rows] += block.sum(dim=1)
     elif pos[0] == 'mask':
         for a, b in _column_blocks(c, above.shape[1]):
             n += above[:, a:b].masked_fill(~pos[1][:, a:b], 0).sum(dim=1)
@@ -232,19 +230,25 @@ def retrieval_ranks(similarity, positives, exclude=None, ties: str = 'pessimisti
     return torch.cat(out).cpu().numpy() if out else np.zeros(0)
 
 
-def _embedding_ranks(q: torch.Tensor, x: torch.Tensor, positives, excl: _ItemSets | None, chunk_size, ties):
+def _embedding_ranks(q: torch.Tensor, x: torch.Tensor, positives, excl: _ItemSets | None, chunk_size, ties,
+                     order: np.ndarray | None = None):
     """The chunk loop: ``q[a:b] @ x.T`` into one reused buffer (a fresh 100+ MB matrix per chunk costs page faults
-    as large as the ranking itself), then :func:`_chunk_ranks` on it."""
+    as large as the ranking itself), then :func:`_chunk_ranks` on it. With ``order`` the queries are taken in that
+    order (positives and exclusions are given in it) and the ranks returned in the original order."""
     n_q, n_i = q.shape[0], x.shape[0]
     rows = _chunk_rows(n_i, x.element_size(), chunk_size)
     buf = torch.empty(min(rows, n_q), n_i, dtype=torch.promote_types(q.dtype, x.dtype), device=x.device)
     xt, out = x.T, []
     for a in range(0, n_q, rows):
         b = min(n_q, a + rows)
-        scores = torch.matmul(q[a:b], xt, out=buf[:b - a])
+        qa = q[a:b] if order is None else q[torch.from_numpy(order[a:b]).to(q.device)]
+        scores = torch.matmul(qa, xt, out=buf[:b - a])
         pos = positives.chunk(a, b) if isinstance(positives, _LabelSets) else positives.chunk(a, b, x.device)
         out.append(_chunk_ranks(scores, pos, excl.chunk(a, b, x.device) if excl else None, ties))
-    return torch.cat(out).cpu().numpy() if out else np.zeros(0)
+    ranks = torch.cat(out).cpu().numpy() if out else np.zeros(0)
+    if order is not None:
+        ranks[order] = ranks.copy()
+    return ranks
 
 
 @torch.no_grad()
@@ -280,14 +284,17 @@ def retrieval_ranks_by_label(queries, items, query_label, item_label, query_grou
     n_q, n_i = q.shape[0], x.shape[0]
     if len(query_label) != n_q or len(item_label) != n_i:
         raise ValueError(f'labels: {len(query_label)} for {n_q} queries, {len(item_label)} for {n_i} items')
+    # queries sorted by label, so that each label's rows in a chunk are contiguous and gathered with index_select
+    query_label = np.asarray(query_label, dtype=np.int64)
+    order = np.argsort(query_label, kind='stable')
     excl = None
     if (query_group is None) != (item_group is None):
         raise ValueError('give both query_group and item_group, or neither')
     if query_group is not None:
         if len(query_group) != n_q or len(item_group) != n_i:
             raise ValueError(f'groups: {len(query_group)} for {n_q} queries, {len(item_group)} for {n_i} items')
-        excl = _own_group_items(query_group, item_group, n_i)
-    return _embedding_ranks(q, x, _LabelSets(query_label, item_label, x.device), excl, chunk_size, ties)
+        excl = _own_group_items(np.asarray(query_group)[order], item_group, n_i)
+    return _embedding_ranks(q, x, _LabelSets(query_label[order], item_label, x.device), excl, chunk_size, ties, order)
 
 
 def recall_from_ranks(ranks, ks: Sequence[int] = DEFAULT_KS) -> dict[int, float]:

@@ -67,14 +67,15 @@ class _ItemSets:
                                  f'got {tuple(spec.shape)}')
             self.mask = _as_tensor(spec)
             return
-        if isinstance(spec, (torch.Tensor, np.ndarray)) and spec.ndim == 1:
-            lists = [[int(i)] for i in (spec.cpu().numpy() if isinstance(spec, torch.Tensor) else spec)]
+        if isinstance(spec, (torch.Tensor, np.ndarray)) and spec.ndim == 1:  # one item per query, no Python loop
+            cols = (spec.cpu().numpy() if isinstance(spec, torch.Tensor) else spec).astype(np.int64)
+            lengths = np.ones(len(cols), dtype=np.int64)
         else:
             lists = [np.asarray(s, dtype=np.int64).reshape(-1) for s in spec]
-        if len(lists) != n_queries:
-            raise ValueError(f'got item sets for {len(lists)} queries, expected {n_queries}')
-        lengths = np.array([len(s) for s in lists], dtype=np.int64)
-        cols = np.concatenate(lists).astype(np.int64) if lengths.sum() else np.zeros(0, np.int64)
+            lengths = np.array([len(s) for s in lists], dtype=np.int64)
+            cols = np.concatenate(lists).astype(np.int64) if lengths.sum() else np.zeros(0, np.int64)
+        if len(lengths) != n_queries:
+            raise ValueError(f'got item sets for {len(lengths)} queries, expected {n_queries}')
         if len(cols) and (cols.min() < 0 or cols.max() >= n_items):
             raise ValueError(f'item indices must lie in [0, {n_items}), got [{cols.min()}, {cols.max()}]')
         keys = np.unique(np.repeat(np.arange(n_queries, dtype=np.int64), lengths) * n_items + cols)  # sorted sets
@@ -97,11 +98,11 @@ class _LabelSets:
 
     def __init__(self, query_label, item_label, device):
         self.query_label = np.asarray(query_label, dtype=np.int64)
-        item_label = np.asarray(item_label, dtype=np.int64)
-        order = np.argsort(item_label, kind='stable')
-        values, starts, counts = np.unique(item_label[order], return_index=True, return_counts=True)
-        self.columns = {int(v): torch.from_numpy(np.sort(order[s:s + n])).to(device)
-                        for v, s, n in zip(values, starts, counts) if v >= 0}
+        order, sorted_labels = _stable_order(np.asarray(item_label, dtype=np.int64))
+        values = np.unique(self.query_label[self.query_label >= 0])  # only the labels some query asks for
+        lo, hi = np.searchsorted(sorted_labels, values, 'left'), np.searchsorted(sorted_labels, values, 'right')
+        # a stable sort keeps each label's items in ascending order, so every label is a contiguous slice of it
+        self.columns = {int(v): torch.from_numpy(order[a:b]).to(device) for v, a, b in zip(values, lo, hi) if b > a}
 
     def chunk(self, start: int, stop: int):
         """[(slice of rows relative to start, column ids)] per label of the chunk; queries come sorted by label."""
@@ -113,11 +114,18 @@ class _LabelSets:
                 for v, f, n in zip(values, first, counts) if int(v) in self.columns]
 
 
+def _stable_order(values: np.ndarray):
+    """(stable argsort, sorted values); images usually come sorted by patient already, which costs no sort."""
+    if len(values) < 2 or bool(np.all(values[1:] >= values[:-1])):
+        return np.arange(len(values)), values
+    order = np.argsort(values, kind='stable')
+    return order, values[order]
+
+
 def _own_group_items(query_group, item_group, n_items: int) -> _ItemSets:
     """Exclusion sets 'the items of the query's own group' as index lists, without a queries x items mask."""
     query_group, item_group = np.asarray(query_group, dtype=np.int64), np.asarray(item_group, dtype=np.int64)
-    order = np.argsort(item_group, kind='stable')
-    sorted_groups = item_group[order]
+    order, sorted_groups = _stable_order(item_group)
     lo, hi = np.searchsorted(sorted_groups, query_group, 'left'), np.searchsorted(sorted_groups, query_group, 'right')
     return _ItemSets([order[a:b] for a, b in zip(lo, hi)], len(query_group), n_items)
 

@@ -173,7 +173,7 @@ def test_ranks_by_label_equal_the_previous_masks(seed, ties):
 def test_ranks_by_label_in_small_column_blocks(monkeypatch):
     q, x, ql, il, qg, ig = _label_case(2)
     full = retrieval_ranks_by_label(q, x, ql, il, qg, ig, chunk_size=8)
-    monkeypatch.setattr(metrics, '_BLOCK_ELEMENTS', 20)  # label gathers split into blocks of a few columns
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 20)  # block sizes of the generic paths must not matter
     np.testing.assert_array_equal(retrieval_ranks_by_label(q, x, ql, il, qg, ig, chunk_size=8), full)
 
 

@@ -111,7 +111,7 @@ def compare(name: str, arms: Arms, times: dict, scale: float, what: str, rows_ou
 
 
 def run(n_patients: int = 15_000, per_patient: int = 40, queries: int = 555, dim: int = 256, n_classes: int = 10,
-        top_j: int = 5, rounds: int | None = None, image_queries: int = 333, eval_image_queries: int = 10_000,
+        top_j: int = 5, rounds: int | None = None, image_queries: int = 1_110, eval_image_queries: int = 10_000,
         seed: int = 0):
     start = time.perf_counter()
     base_rss = rss_bytes()
@@ -245,7 +245,7 @@ def main(argv=None):
     ap.add_argument('--patients', type=int, default=15_000)
     ap.add_argument('--per-patient', type=int, default=40)
     ap.add_argument('--queries', type=int, default=555, help='report queries timed per round')
-    ap.add_argument('--image-queries', type=int, default=333, help='image->image queries timed per round')
+    ap.add_argument('--image-queries', type=int, default=1_110, help='image->image queries timed per round')
     ap.add_argument('--rounds', type=int, default=None, help='default 3 (1 with all queries)')
     ap.add_argument('--full', action='store_true', help='all report queries (one round)')
     ap.add_argument('--dim', type=int, default=256)

@@ -28,15 +28,17 @@ import torch
 from scipy.stats import rankdata
 
 __all__ = [
-    'retrieval_ranks', 'retrieval_ranks_from_embeddings', 'recall_at_k', 'recall_at_k_from_embeddings',
-    'recall_from_ranks', 'median_rank', 'roc_auc_ovr', 'classification_metrics', 'headline_metrics',
-    'bootstrap_ci', 'paired_bootstrap', 'bootstrap_difference', 'HEADLINE_METRICS', 'macro_auc',
+    'retrieval_ranks', 'retrieval_ranks_from_embeddings', 'retrieval_ranks_by_label', 'recall_at_k',
+    'recall_at_k_from_embeddings', 'recall_from_ranks', 'median_rank', 'roc_auc_ovr', 'classification_metrics',
+    'headline_metrics', 'bootstrap_ci', 'paired_bootstrap', 'bootstrap_difference', 'HEADLINE_METRICS', 'macro_auc',
     'headline_metrics_weighted',
 ]
 
 DEFAULT_KS = (1, 5, 10, 50)
 _CHUNK_BYTES = 256 * 2 ** 20  # score-matrix budget per chunk when chunk_size is not given
 _BLOCK_ELEMENTS = 2 ** 22
+# which items count as ranked before the best positive: at or above it (pessimistic ties) or strictly above it
+_COMPARE = {'pessimistic': torch.ge, 'optimistic': torch.gt}
 
 
 # ----------------------------------------------------------------------------------------------- retrieval
@@ -49,10 +51,11 @@ class _ItemSets:
     """Per-query item sets (positives or exclusions) sliceable by query chunk.
 
     Accepts a boolean matrix (queries x items), one index per query (1-D ints), a sequence of index sequences,
-    or a callable ``fn(start, stop) -> bool [stop - start, n_items]`` that builds the mask lazily.
+    or a callable ``fn(start, stop) -> bool [stop - start, n_items]`` that builds the mask lazily. Index lists are
+    sets: a repeated index counts once, as in the mask forms.
     """
 
-    def __init__(self, spec, n_queries: int):
+    def __init__(self, spec, n_queries: int, n_items: int):
         self.fn = self.mask = None
         if callable(spec):
             self.fn = spec
@@ -60,20 +63,25 @@ class _ItemSets:
         is_bool = (isinstance(spec, torch.Tensor) and spec.dtype == torch.bool) or \
             (isinstance(spec, np.ndarray) and spec.dtype == np.bool_)
         if is_bool:
-            if spec.ndim != 2 or spec.shape[0] != n_queries:
-                raise ValueError(f'boolean item mask must be (n_queries={n_queries}, n_items), got {tuple(spec.shape)}')
+            if spec.ndim != 2 or tuple(spec.shape) != (n_queries, n_items):
+                raise ValueError(f'boolean item mask must be (n_queries={n_queries}, n_items={n_items}), '
+                                 f'got {tuple(spec.shape)}')
             self.mask = _as_tensor(spec)
             return
-        if isinstance(spec, (torch.Tensor, np.ndarray)) and spec.ndim == 1:
-            lists = [[int(i)] for i in (spec.cpu().numpy() if isinstance(spec, torch.Tensor) else spec)]
+        if isinstance(spec, (torch.Tensor, np.ndarray)) and spec.ndim == 1:  # one item per query, no Python loop
+            cols = (spec.cpu().numpy() if isinstance(spec, torch.Tensor) else spec).astype(np.int64)
+            lengths = np.ones(len(cols), dtype=np.int64)
         else:
             lists = [np.asarray(s, dtype=np.int64).reshape(-1) for s in spec]
-        if len(lists) != n_queries:
-            raise ValueError(f'got item sets for {len(lists)} queries, expected {n_queries}')
-        lengths = np.array([len(s) for s in lists], dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
-        self.cols = np.concatenate(lists).astype(np.int64) if lengths.sum() else np.zeros(0, np.int64)
-        self.rows = np.repeat(np.arange(n_queries), lengths)
+            lengths = np.array([len(s) for s in lists], dtype=np.int64)
+            cols = np.concatenate(lists).astype(np.int64) if lengths.sum() else np.zeros(0, np.int64)
+        if len(lengths) != n_queries:
+            raise ValueError(f'got item sets for {len(lengths)} queries, expected {n_queries}')
+        if len(cols) and (cols.min() < 0 or cols.max() >= n_items):
+            raise ValueError(f'item indices must lie in [0, {n_items}), got [{cols.min()}, {cols.max()}]')
+        keys = np.unique(np.repeat(np.arange(n_queries, dtype=np.int64), lengths) * n_items + cols)  # sorted sets
+        self.rows, self.cols = keys // max(1, n_items), keys % max(1, n_items)
+        self.offsets = np.searchsorted(self.rows, np.arange(n_queries + 1))
 
     def chunk(self, start: int, stop: int, device):
         """Return ('mask', bool [c, n]) or ('index', row ids relative to start, column ids)."""
@@ -86,40 +94,110 @@ class _ItemSets:
         return 'index', rows, torch.from_numpy(self.cols[a:b]).to(device)
 
 
+class _LabelSets:
+    """Positives by label: the items sharing the query's label (labels < 0 match nothing), as column slices.
+
+    Items come sorted by label, so each label is a contiguous column range: the best positive and the tied count
+    are reductions over a view of the score chunk, with no gather and no copy.
+    """
+
+    def __init__(self, query_label, sorted_item_label):
+        self.query_label = np.asarray(query_label, dtype=np.int64)
+        values = np.unique(self.query_label[self.query_label >= 0])  # only the labels some query asks for
+        lo = np.searchsorted(sorted_item_label, values, 'left')
+        hi = np.searchsorted(sorted_item_label, values, 'right')
+        self.columns = {int(v): slice(int(a), int(b)) for v, a, b in zip(values, lo, hi) if b > a}
+
+    def chunk(self, start: int, stop: int):
+        """[(slice of rows relative to start, column ids)] per label of the chunk; queries come sorted by label."""
+        labels = self.query_label[start:stop]
+        values, first, counts = np.unique(labels, return_index=True, return_counts=True)
+        if np.any(np.diff(labels) < 0):
+            raise ValueError('label sets need the queries sorted by label')
+        return [(slice(int(f), int(f + n)), self.columns[int(v)])
+                for v, f, n in zip(values, first, counts) if int(v) in self.columns]
+
+
+def _stable_order(values: np.ndarray):
+    """(stable argsort, sorted values); images usually come sorted by patient already, which costs no sort."""
+    if len(values) < 2 or bool(np.all(values[1:] >= values[:-1])):
+        return np.arange(len(values)), values
+    order = np.argsort(values, kind='stable')
+    return order, values[order]
+
+
+def _own_group_items(query_group, item_group, n_items: int) -> _ItemSets:
+    """Exclusion sets 'the items of the query's own group' as index lists, without a queries x items mask."""
+    query_group, item_group = np.asarray(query_group, dtype=np.int64), np.asarray(item_group, dtype=np.int64)
+    order, sorted_groups = _stable_order(item_group)
+    lo, hi = np.searchsorted(sorted_groups, query_group, 'left'), np.searchsorted(sorted_groups, query_group, 'right')
+    return _ItemSets([order[a:b] for a, b in zip(lo, hi)], len(query_group), n_items)
+
+
 def _column_blocks(n_rows: int, n_cols: int):
-    # reductions over a bool matrix upcast it to int64 in one go (8 bytes per element); doing them on column
-    # blocks of ~4M elements keeps that temporary small next to the score chunk itself
+    # boolean reductions upcast to int64 in one go (8 bytes per element); column blocks of ~4M elements keep such
+    # temporaries small next to the score chunk itself
     width = max(1, _BLOCK_ELEMENTS // max(1, n_rows))
     return [(a, min(n_cols, a + width)) for a in range(0, n_cols, width)]
 
 
-def _chunk_ranks(scores: torch.Tensor, pos: tuple, excl: tuple | None, ties: str) -> torch.Tensor:
-    """Ranks of the first positive for one chunk of the score matrix (modified in place)."""
-    c, n = scores.shape
-    blocks = _column_blocks(c, n)
-    if excl is not None:  # exclusion first, so an excluded positive cannot count
-        if excl[0] == 'mask':
-            scores.masked_fill_(excl[1], float('-inf'))
-        else:
-            scores[excl[1], excl[2]] = float('-inf')
+def _exclude(scores: torch.Tensor, excl: tuple | None) -> None:
+    if excl is None:
+        return
+    if excl[0] == 'mask':
+        scores.masked_fill_(excl[1], float('-inf'))
+    elif excl[1].numel():
+        scores[excl[1], excl[2]] = float('-inf')
+
+
+def _best_positive(scores: torch.Tensor, pos) -> torch.Tensor:
+    """Score of each query's best (non-excluded) positive; -inf when it has none. Read off the chunk itself, so it
+    is bit-identical to the positive's entry that the count below compares against."""
+    c = scores.shape[0]
     best = torch.full((c,), float('-inf'), dtype=scores.dtype, device=scores.device)
-    if pos[0] == 'mask':
-        for a, b in blocks:
+    if isinstance(pos, list):  # label sets
+        for rows, cols in pos:
+            best[rows] = scores[rows, cols].amax(dim=1)
+    elif pos[0] == 'mask':
+        for a, b in _column_blocks(c, scores.shape[1]):
             best = torch.maximum(best, scores[:, a:b].masked_fill(~pos[1][:, a:b], float('-inf')).amax(dim=1))
     elif pos[1].numel():
-        best = best.scatter_reduce(0, pos[1], scores[pos[1], pos[2]], reduce='amax')
-    # optimistic: positives cannot score above the best positive, so every item above it is a negative;
-    # pessimistic: count everything at or above it, then take the positives back out
-    n_before = torch.zeros(c, dtype=torch.int64, device=scores.device)
-    for a, b in blocks:
-        above = scores[:, a:b] > best[:, None] if ties == 'optimistic' else scores[:, a:b] >= best[:, None]
-        n_before += above.sum(dim=1)
-        if ties == 'pessimistic' and pos[0] == 'mask':
-            n_before -= (above & pos[1][:, a:b]).sum(dim=1)
-    if ties == 'pessimistic' and pos[0] == 'index' and pos[1].numel():
-        tied = (scores[pos[1], pos[2]] >= best[pos[1]]).long()
-        n_before.index_add_(0, pos[1], -tied)
-    ranks = (n_before + 1).double()
+        best.scatter_reduce_(0, pos[1], scores[pos[1], pos[2]], reduce='amax')
+    return best
+
+
+def _positives_at_or_above(above: torch.Tensor, pos) -> torch.Tensor:
+    """Per query, how many positives the 0/1 matrix ``above`` marks (the ties of the best positive, pessimistic)."""
+    c = above.shape[0]
+    n = torch.zeros(c, dtype=above.dtype, device=above.device)
+    if isinstance(pos, list):
+        for rows, cols in pos:
+            n[rows] = above[rows, cols].sum(dim=1)
+    elif pos[0] == 'mask':
+        for a, b in _column_blocks(c, above.shape[1]):
+            n += above[:, a:b].masked_fill(~pos[1][:, a:b], 0).sum(dim=1)
+    elif pos[1].numel():
+        n.index_add_(0, pos[1], above[pos[1], pos[2]])
+    return n
+
+
+def _chunk_ranks(scores: torch.Tensor, pos, excl: tuple | None, ties: str) -> torch.Tensor:
+    """Ranks of the first positive for one chunk of the score matrix, which is overwritten.
+
+    rank = 1 + #{items scoring above the best positive} (optimistic: strictly above, where no positive can be;
+    pessimistic: at or above, minus the positives found there). Excluded items are set to -inf first, so they
+    count for nothing. One comparison pass and one row sum over the chunk, no sort, no top-k, no boolean
+    temporaries: the comparison writes 1.0/0.0 over the scores in place, and a float row sum of 0/1 values is
+    exact while it stays below 2^24 (else it is summed in float64).
+    """
+    _exclude(scores, excl)
+    best = _best_positive(scores, pos)
+    above = _COMPARE[ties](scores, best[:, None], out=scores)
+    exact = above.dtype == torch.float64 or (above.dtype == torch.float32 and above.shape[1] < 2 ** 24)
+    n_before = above.sum(dim=1) if exact else above.sum(dim=1, dtype=torch.float64)
+    if ties == 'pessimistic':
+        n_before = n_before - _positives_at_or_above(above, pos)
+    ranks = n_before.double() + 1
     ranks[torch.isneginf(best)] = float('inf')  # no usable positive
     return ranks
 
@@ -129,6 +207,10 @@ def _check_ties(ties: str):
         raise ValueError(f"ties must be 'pessimistic' or 'optimistic', got {ties!r}")
 
 
+def _chunk_rows(n_items: int, itemsize: int, chunk_size: int | None) -> int:
+    return chunk_size or max(1, _CHUNK_BYTES // max(1, n_items * itemsize))
+
+
 def retrieval_ranks(similarity, positives, exclude=None, ties: str = 'pessimistic', chunk_size: int | None = None):
     """Rank of the first positive per query from a dense (queries x items) similarity matrix.
 
@@ -136,16 +218,40 @@ def retrieval_ranks(similarity, positives, exclude=None, ties: str = 'pessimisti
     """
     _check_ties(ties)
     sim = _as_tensor(similarity)
+    if not sim.is_floating_point():
+        sim = sim.double()  # integer scores: exact in float64, and -inf is needed for exclusions
     n_q, n_i = sim.shape
-    pos, excl = _ItemSets(positives, n_q), (_ItemSets(exclude, n_q) if exclude is not None else None)
-    chunk_size = chunk_size or max(1, _CHUNK_BYTES // max(1, n_i * sim.element_size()))
+    pos, excl = _ItemSets(positives, n_q, n_i), (_ItemSets(exclude, n_q, n_i) if exclude is not None else None)
+    rows = _chunk_rows(n_i, sim.element_size(), chunk_size)
+    buf = torch.empty(min(rows, n_q), n_i, dtype=sim.dtype, device=sim.device)  # reused: masking happens in place
     out = []
-    for a in range(0, n_q, chunk_size):
-        b = min(n_q, a + chunk_size)
-        block = sim[a:b].clone()  # masking happens in place
+    for a in range(0, n_q, rows):
+        b = min(n_q, a + rows)
+        block = buf[:b - a].copy_(sim[a:b])
         out.append(_chunk_ranks(block, pos.chunk(a, b, sim.device),
                                 excl.chunk(a, b, sim.device) if excl else None, ties))
     return torch.cat(out).cpu().numpy() if out else np.zeros(0)
+
+
+def _embedding_ranks(q: torch.Tensor, x: torch.Tensor, positives, excl: _ItemSets | None, chunk_size, ties,
+                     order: np.ndarray | None = None):
+    """The chunk loop: ``q[a:b] @ x.T`` into one reused buffer (a fresh 100+ MB matrix per chunk costs page faults
+    as large as the ranking itself), then :func:`_chunk_ranks` on it. With ``order`` the queries are taken in that
+    order (positives and exclusions are given in it) and the ranks returned in the original order."""
+    n_q, n_i = q.shape[0], x.shape[0]
+    rows = _chunk_rows(n_i, x.element_size(), chunk_size)
+    buf = torch.empty(min(rows, n_q), n_i, dtype=torch.promote_types(q.dtype, x.dtype), device=x.device)
+    xt, out = x.T, []
+    for a in range(0, n_q, rows):
+        b = min(n_q, a + rows)
+        qa = q[a:b] if order is None else q[torch.from_numpy(order[a:b]).to(q.device)]
+        scores = torch.matmul(qa, xt, out=buf[:b - a])
+        pos = positives.chunk(a, b) if isinstance(positives, _LabelSets) else positives.chunk(a, b, x.device)
+        out.append(_chunk_ranks(scores, pos, excl.chunk(a, b, x.device) if excl else None, ties))
+    ranks = torch.cat(out).cpu().numpy() if out else np.zeros(0)
+    if order is not None:
+        ranks[order] = ranks.copy()
+    return ranks
 
 
 @torch.no_grad()
@@ -154,23 +260,51 @@ def retrieval_ranks_from_embeddings(
         device: str | torch.device | None = None):
     """Ranks computed lazily: ``queries @ items.T`` is formed one chunk of ``chunk_size`` queries at a time.
 
-    Peak extra memory is about ``chunk_size * n_items * (itemsize + 1)`` bytes. The dtype of the embeddings is
-    kept (float32 stays float32), so chunked and dense ranks agree whenever scores are not within rounding
-    of each other.
+    Peak extra memory is about ``chunk_size * n_items * itemsize`` bytes (one score buffer, reused). The dtype of
+    the embeddings is kept (float32 stays float32), so chunked and dense ranks agree whenever scores are not
+    within rounding of each other.
     """
     _check_ties(ties)
     q, x = _as_tensor(queries, device), _as_tensor(items, device)
     n_q, n_i = q.shape[0], x.shape[0]
-    pos, excl = _ItemSets(positives, n_q), (_ItemSets(exclude, n_q) if exclude is not None else None)
-    chunk_size = chunk_size or max(1, _CHUNK_BYTES // max(1, n_i * x.element_size()))
-    out = []
-    for a in range(0, n_q, chunk_size):
-        b = min(n_q, a + chunk_size)
-        scores = q[a:b] @ x.T
-        out.append(_chunk_ranks(scores, pos.chunk(a, b, x.device), excl.chunk(a, b, x.device) if excl else None,
-                                ties))
-        del scores
-    return torch.cat(out).cpu().numpy() if out else np.zeros(0)
+    pos, excl = _ItemSets(positives, n_q, n_i), (_ItemSets(exclude, n_q, n_i) if exclude is not None else None)
+    return _embedding_ranks(q, x, pos, excl, chunk_size, ties)
+
+
+@torch.no_grad()
+def retrieval_ranks_by_label(queries, items, query_label, item_label, query_group=None, item_group=None,
+                             chunk_size: int | None = None, ties: str = 'pessimistic',
+                             device: str | torch.device | None = None):
+    """Ranks when a query's positives are the items with its label, its own group's items excluded.
+
+    The same ranks as :func:`retrieval_ranks_from_embeddings` with ``positives = (item_label == query_label) &
+    (item_group != query_group)`` and ``exclude = item_group == query_group`` (labels < 0 match nothing), without
+    building either queries x items mask: queries and items are sorted by label (ranks do not depend on the order
+    of the gallery), so a label's positives are one column range of each score chunk; exclusions are index lists.
+    Labels and groups are integers (e.g. class index, -1 unlabelled; patient row). Costs one copy of ``items`` when
+    they are not sorted by label already (0.57 GB for 600,000 x 256 float32): a gather per chunk instead measured
+    1.56x the matmul time, the slices 1.1-1.2x.
+    """
+    _check_ties(ties)
+    q, x = _as_tensor(queries, device), _as_tensor(items, device)
+    n_q, n_i = q.shape[0], x.shape[0]
+    if len(query_label) != n_q or len(item_label) != n_i:
+        raise ValueError(f'labels: {len(query_label)} for {n_q} queries, {len(item_label)} for {n_i} items')
+    query_label = np.asarray(query_label, dtype=np.int64)
+    order = np.argsort(query_label, kind='stable')  # each label's rows of a chunk contiguous
+    item_order, item_label = _stable_order(np.asarray(item_label, dtype=np.int64))
+    if item_group is not None:
+        item_group = np.asarray(item_group)[item_order]
+    if not np.array_equal(item_order, np.arange(n_i)):
+        x = x[torch.from_numpy(item_order).to(x.device)]
+    excl = None
+    if (query_group is None) != (item_group is None):
+        raise ValueError('give both query_group and item_group, or neither')
+    if query_group is not None:
+        if len(query_group) != n_q or len(item_group) != n_i:
+            raise ValueError(f'groups: {len(query_group)} for {n_q} queries, {len(item_group)} for {n_i} items')
+        excl = _own_group_items(np.asarray(query_group)[order], item_group, n_i)
+    return _embedding_ranks(q, x, _LabelSets(query_label[order], item_label), excl, chunk_size, ties, order)
 
 
 def recall_from_ranks(ranks, ks: Sequence[int] = DEFAULT_KS) -> dict[int, float]:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emclip.metrics import bootstrap_ci, median_rank, recall_from_ranks, retrieval_ranks_from_embeddings
+from emclip.metrics import (
+    bootstrap_ci, median_rank, recall_from_ranks, retrieval_ranks_by_label, retrieval_ranks_from_embeddings)
 
 from .embeddings import Embeddings
 
@@ -69,16 +70,10 @@ def image_image_retrieval(emb: Embeddings, chunk_size: int | None = None, max_qu
     if max_queries is not None and n_total > max_queries:
         queries = np.sort(np.random.default_rng(seed).choice(queries, size=max_queries, replace=False))
     owner = emb.image_patient
-
-    def positives(a: int, b: int) -> np.ndarray:
-        q = queries[a:b]
-        return (label[None, :] == label[q, None]) & (owner[None, :] != owner[q, None])
-
-    def exclude(a: int, b: int) -> np.ndarray:
-        return owner[None, :] == owner[queries[a:b], None]
-
-    ranks = retrieval_ranks_from_embeddings(emb.image[queries], emb.image, positives, exclude=exclude,
-                                            chunk_size=chunk_size)
+    # positives = same label and another patient, exclusion = the query's own patient; as label sets and index
+    # lists, never as queries x images masks
+    ranks = retrieval_ranks_by_label(emb.image[queries], emb.image, label[queries], label, query_group=owner[queries],
+                                     item_group=owner, chunk_size=chunk_size)
     return RetrievalResult('image_to_image', ranks, owner[queries], emb.n_images,
                            'query: labelled image; gallery: images of other patients in the split; positive: same '
                            'diagnosis (PLIP p@K)', n_queries_total=n_total, query_index=queries)

@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader
 from emclip.data import ImageReadError, ImageTransform, read_image
 from emclip.data import resample
 from emclip.data.images import load_transformed
+from emclip.data import prefetch
 from emclip.data.prefetch import loader_threads, thread_map
+from emclip.train import cache
 from emclip.train.cache import _ImageRows
 
 
@@ -59,8 +61,17 @@ def test_the_cache_builders_batches_equal_the_serial_rows(tmp_path, monkeypatch)
     calls = []
     real = rows.__getitems__
     monkeypatch.setattr(rows, "__getitems__", lambda idx: calls.append(list(idx)) or real(idx))
+    loaded_in = []
+    real_load = cache.load_transformed
+
+    def load_spy(*args, **kwargs):
+        loaded_in.append(threading.current_thread().name)
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(cache, "load_transformed", load_spy)
+    monkeypatch.setattr(prefetch, "loader_threads", lambda: 2)    # as on a 2-core machine, whatever this one has
     batches = list(DataLoader(rows, batch_size=4, num_workers=0))
     assert calls == [[0, 1, 2, 3], [4, 5]]                   # the DataLoader fetches batches through __getitems__
+    assert len(loaded_in) == 6 and all(name.startswith("emclip-load") for name in loaded_in)
     images = torch.cat([b[0] for b in batches])
     assert torch.cat([b[2] for b in batches]).tolist() == [4, 0, 3, 1, 2, 0]
     for k, row in enumerate([4, 0, 3, 1, 2, 0]):

@@ -15,8 +15,9 @@ Two loaders, side by side in one process:
 The pipeline is the cache build's loop (``emclip.train.cache._extract``): a ``DataLoader`` over the cache builder's
 own dataset (``_ImageRows``, which loads each batch's images in threads, ``emclip.data.prefetch.thread_map``) feeding
 the frozen trunk forward in batches, with ``num_workers=0`` (the default) or more; "previous" swaps in a dataset that
-reads the previous way, "fused serial" the fused loader one image after another (the first fused run's loop). Its throughput is compared with the trunk alone on
-the same number of images already in memory, same batch size, paired round by round.
+reads the previous way, "fused serial" the fused loader one image after another (the first fused run's loop). Its
+throughput is compared with the trunk alone on the same number of images already in memory, same batch size, paired
+round by round.
 """
 from __future__ import annotations
 

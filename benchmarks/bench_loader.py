@@ -13,9 +13,11 @@ Two loaders, side by side in one process:
   resized first and scaled at 224 x 224.
 
 The pipeline is the cache build's loop (``emclip.train.cache._extract``): a ``DataLoader`` over the cache builder's
-own dataset (``_ImageRows``) feeding the frozen trunk forward in batches, with ``num_workers=0`` (the default) or
-more; "previous" swaps in a dataset that reads the previous way. Its throughput is compared with the trunk alone on
-the same number of images already in memory, same batch size, paired round by round.
+own dataset (``_ImageRows``, which loads each batch's images in threads, ``emclip.data.prefetch.thread_map``) feeding
+the frozen trunk forward in batches, with ``num_workers=0`` (the default) or more; "previous" swaps in a dataset that
+reads the previous way, "fused serial" the fused loader one image after another (the first fused run's loop). Its
+throughput is compared with the trunk alone on the same number of images already in memory, same batch size, paired
+round by round.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from emclip.data import ImageTransform, read_image
 from emclip.data.images import load_transformed
-from emclip.data.prefetch import Prefetch
+from emclip.data.prefetch import Prefetch, loader_threads, thread_map
+from emclip.data.resample import single_threaded_blas
 from emclip.train.cache import _ImageRows
 
 
@@ -58,12 +61,19 @@ def previous_load(path, transform: ImageTransform):
 
 
 class PreviousRows(_ImageRows):
-    """The cache builder's dataset as it read images before the fused loader."""
+    """The cache builder's dataset as it read images before the fused loader: one image after another."""
+    __getitems__ = None   # the DataLoader then fetches item by item
 
     def __getitem__(self, i):
         row = self.indices[i]
         tensor, zoom = previous_load(self.paths[row], self.transform)
         return tensor, torch.tensor(zoom, dtype=torch.float32), torch.tensor(row)
+
+
+class SerialRows(_ImageRows):
+    """The shipped dataset without threads: the fused loader one image after another (the loader of the first
+    fused run)."""
+    __getitems__ = None
 
 
 def run(n_files: int = 8, size: int = 2048, items: int = 48, batch_size: int = 16, rounds: int = 3,
@@ -102,13 +112,20 @@ def run(n_files: int = 8, size: int = 2048, items: int = 48, batch_size: int = 1
             p.read_bytes()
         diff = max(float((load_transformed(p, transform)[0] - previous_load(p, transform)[0]).abs().max())
                    for p in paths)
+
+        def threaded():
+            with single_threaded_blas():
+                thread_map(lambda p: load_transformed(p, transform), paths)
         st = interleave({'previous': lambda: [previous_load(p, transform) for p in paths],
-                         'fused': lambda: [load_transformed(p, transform) for p in paths]}, rounds=rounds, warmup=1)
-        prev, fus = median(st['previous']) / n_files, median(st['fused']) / n_files
+                         'fused': lambda: [load_transformed(p, transform) for p in paths],
+                         'threads': threaded}, rounds=rounds, warmup=1)
+        prev, fus, thr = (median(st[k]) / n_files for k in ('previous', 'fused', 'threads'))
         rows.append([f'previous: read_image + ImageTransform ({mb:.1f} MB/file)', label, round(prev * 1000, 1),
                      round(1 / prev, 1), round(1 / prev / trunk_fwd, 2), round(1 / prev / trunk_e2e, 2)])
         rows.append(['fused (shipped): load_transformed', label, round(fus * 1000, 1), round(1 / fus, 1),
                      round(1 / fus / trunk_fwd, 2), round(1 / fus / trunk_e2e, 2)])
+        rows.append([f'fused, a batch in {loader_threads()} threads (thread_map, as _ImageRows)', label,
+                     round(thr * 1000, 1), round(1 / thr, 1), round(1 / thr / trunk_fwd, 2), ''])
         ratios.append(ratio(f'fused loader speed-up over read_image + ImageTransform [{key}]',
                             paired_ratio(st, 'previous', 'fused'), meaning=f'max |difference| {diff:.1e}'))
         ratios.append(ratio(f'fused loader / trunk forward+backward throughput, one process [{key}]',
@@ -118,6 +135,7 @@ def run(n_files: int = 8, size: int = 2048, items: int = 48, batch_size: int = 1
         all_paths = [str(p) for p in paths]
         indices = [i % n_files for i in range(items)]
         datasets = {'previous': PreviousRows(all_paths, indices, transform, 'dtype', 'gray'),
+                    'fused serial': SerialRows(all_paths, indices, transform, 'dtype', 'gray'),
                     'shipped': _ImageRows(all_paths, indices, transform, 'dtype', 'gray')}
         for w in workers:
             def pipeline(ds, w=w, ahead=False):
@@ -126,6 +144,7 @@ def run(n_files: int = 8, size: int = 2048, items: int = 48, batch_size: int = 1
                     for images, _, _ in (Prefetch(loader) if ahead else loader):
                         model.encode_trunk(images)
             arms = {'trunk': trunk_alone, 'previous': lambda: pipeline(datasets['previous']),
+                    'fused serial': lambda: pipeline(datasets['fused serial']),
                     'shipped': lambda: pipeline(datasets['shipped'])}
             if w == 0:   # a loading thread one batch ahead of the trunk (emclip.data.prefetch)
                 arms['shipped+prefetch'] = lambda: pipeline(datasets['shipped'], ahead=True)
@@ -138,10 +157,10 @@ def run(n_files: int = 8, size: int = 2048, items: int = 48, batch_size: int = 1
                 ratios.append(ratio(f'cache-build loop ({arm} loader, workers={w}) / trunk-alone forward throughput '
                                     f'[{key}]', rel, '>= 0.9' if target else None, rel >= 0.9 if target else None,
                                     '1 = the trunk never waits for images'))
-            for arm in [a for a in arms if a.startswith('shipped')]:
+            for arm in [a for a in arms if a not in ('trunk', 'previous')]:
                 ratios.append(ratio(f'cache-build loop speed-up, {arm} over previous loader (workers={w}) [{key}]',
                                     paired_ratio(pt, 'previous', arm)))
-        extra[key] = dict(previous_s=prev, fused_s=fus, fused_max_diff=diff, file_mb=mb)
+        extra[key] = dict(previous_s=prev, fused_s=fus, fused_threads_s=thr, fused_max_diff=diff, file_mb=mb)
     columns = ['stage', 'TIFF', 'ms/image', 'images/s', '÷ trunk fwd images/s', '÷ trunk fwd+bwd images/s']
     notes = [f'{n_files} files of {size}x{size} uint16 per compression, page cache warm; the loop runs {items} images '
              f'in batches of {batch_size}, the trunk alone the same batches from memory; forward + backward on '

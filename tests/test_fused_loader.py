@@ -229,3 +229,15 @@ def test_bags_and_the_cache_builder_read_through_the_fused_loader(tiny_cohort):
         want, want_zoom = resize(read_image(paths[row], "percentile", "rgb"))
         torch.testing.assert_close(tensor, want, atol=ATOL, rtol=0)
         assert float(zoom) == pytest.approx(want_zoom) and int(idx) == row
+
+
+def test_per_channel_mean_and_std_as_the_transform_normalises(tmp_path):
+    """The fused path normalises in numpy; each channel with its own mean and std, exactly as ``_finish`` does."""
+    rng = np.random.default_rng(12)
+    tifffile.imwrite(tmp_path / "g.tif", _em_like((300, 260), np.uint16, rng))
+    tifffile.imwrite(tmp_path / "c.tif", _em_like((260, 300, 3), np.uint8, rng), photometric="rgb")
+    imagenet = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    for name in ("g.tif", "c.tif"):
+        for channels in (3, 1):
+            for color in ("gray", "rgb"):
+                _same(tmp_path / name, ImageTransform(96, channels=channels, **imagenet), color=color)

@@ -623,4 +623,14 @@ def load_transformed(path: str | Path, transform: ImageTransform, intensity: str
         planes = [np.stack(planes, -1) @ LUMA]
     elif color == "rgb" and len(planes) == 1:
         planes = planes * 3
-    return transform._finish(torch.from_numpy(np.stack(planes))), float(zoom)
+    if len(planes) == 1 and transform.channels == 3:
+        planes = planes * 3                      # the gray channel repeated, as _finish expands it
+    if len(planes) != transform.channels:        # colour for a 1-channel tower: _finish's luminance, in torch
+        return transform._finish(torch.from_numpy(np.stack(planes))), float(zoom)
+    # _finish's (t - mean) / std in numpy (the same float32 operations): torch's elementwise ops would open an
+    # OpenMP team of torch's full thread count in every loading thread
+    out = np.empty((len(planes), size, size), np.float32)
+    for c, (v, mean, std) in enumerate(zip(planes, transform.mean.flatten().numpy(), transform.std.flatten().numpy())):
+        np.subtract(v, mean, out=out[c])
+        np.divide(out[c], std, out=out[c])
+    return torch.from_numpy(out), float(zoom)

@@ -1,16 +1,45 @@
-"""Overlap loading with compute in one process: iterate a loader in a background thread, a few items ahead.
+"""Loading in threads of one process: a batch's items in parallel (:func:`thread_map`), or a whole loader a few
+items ahead of its consumer (:class:`Prefetch`).
 
-With ``DataLoader(num_workers=0)`` the trunk waits while each batch is read. The fused loader spends its time in
-numpy and tifffile calls that release the GIL (decoding, converting, small matrix products), so one thread can
-prepare the next batch while the trunk runs, without worker processes (which on 2 cores took the trunk's cores).
+With ``DataLoader(num_workers=0)`` the trunk waits while each batch is read, and while it waits the cores it uses
+are idle. The fused loader spends its time in numpy and tifffile calls that release the GIL (decoding, converting,
+small matrix products), so threads load in parallel without worker processes (which on 2 cores took the trunk's
+cores).
 """
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterable, Iterator, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import torch
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+
+def loader_threads() -> int:
+    """Threads to load one batch with: torch's intra-op thread count, i.e. the cores the trunk computes on and
+    leaves idle while the batch loads. It is 1 inside DataLoader worker processes (torch sets it so), where the
+    batch is then loaded serially as before."""
+    return max(1, torch.get_num_threads())
+
+
+def thread_map(fn: Callable[[T], R], items: Iterable[T], threads: int | None = None) -> list[R]:
+    """``[fn(x) for x in items]`` in ``threads`` threads (default :func:`loader_threads`), results in order. If calls
+    fail, the exception of the first failing item (in order) is raised, as the loop would raise it; items not yet
+    started are cancelled."""
+    items = list(items)
+    threads = loader_threads() if threads is None else threads
+    if threads <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    pool = ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix="emclip-load")
+    try:
+        futures = [pool.submit(fn, x) for x in items]
+        return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Prefetch(Iterable[T]):

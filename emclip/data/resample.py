@@ -67,11 +67,10 @@ def bands(n_in: int, n_out: int, first: int, count: int) -> tuple[Band, ...]:
 
 _BLAS = threading.Lock()
 _BLAS_CONTROL: list = []
+_PIN = {"users": 0, "limiter": None}   # threads inside single_threaded_blas, and the limiter that restores BLAS
 
 
-def _single_threaded_blas():
-    """numpy's OpenBLAS splits even these small products over threads, which on a shared 2-core machine made them
-    up to 50x slower (the trunk holds the cores); one thread per product is also what a prefetch thread wants."""
+def _blas_controller():
     with _BLAS:
         if not _BLAS_CONTROL:
             try:
@@ -79,8 +78,32 @@ def _single_threaded_blas():
                 _BLAS_CONTROL.append(ThreadpoolController().select(user_api="blas"))
             except Exception:  # noqa: BLE001 - without threadpoolctl the products still run, only slower
                 _BLAS_CONTROL.append(None)
-    control = _BLAS_CONTROL[0]
-    return control.limit(limits=1) if control is not None else contextlib.nullcontext()
+    return _BLAS_CONTROL[0]
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """numpy's OpenBLAS splits even these small products over threads, which on a shared 2-core machine made them
+    up to 50x slower (the trunk holds the cores); one thread per product is also what a loading thread wants.
+
+    The BLAS thread count is process-wide, so the limit is counted: the first thread to enter sets it, the last to
+    leave restores it (a plain limit per thread would let one thread restore it under another, or leave it at 1)."""
+    control = _blas_controller()
+    if control is None:
+        yield
+        return
+    with _BLAS:
+        if _PIN["users"] == 0:
+            _PIN["limiter"] = control.limit(limits=1)
+        _PIN["users"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS:
+            _PIN["users"] -= 1
+            if _PIN["users"] == 0:
+                _PIN["limiter"].restore_original_limits()
+                _PIN["limiter"] = None
 
 
 def resize_plane(plane: np.ndarray, rows: tuple[Band, ...], cols: tuple[Band, ...], offset: float = 0.0,
@@ -93,7 +116,7 @@ def resize_plane(plane: np.ndarray, rows: tuple[Band, ...], cols: tuple[Band, ..
     c0, c1 = cols[0].in0, cols[-1].in1          # the vertical pass only computes the columns the crop keeps
     tall = np.empty((rows[-1].out1, c1 - c0), np.float32)
     out = np.empty((rows[-1].out1, cols[-1].out1), np.float32)
-    with _single_threaded_blas():
+    with single_threaded_blas():
         for band in rows:
             block = plane[band.in0:band.in1, c0:c1].astype(np.float32)
             if offset:

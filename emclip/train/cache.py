@@ -43,6 +43,8 @@ from ..digests import file_identity, file_sha256
 from ..progress import bars_disabled
 from ..data import Cohort, ImageTransform
 from ..data.images import load_transformed
+from ..data.prefetch import thread_map
+from ..data.resample import single_threaded_blas
 from .checkpoint import write_text_atomic
 from .collective import all_gather_objects, is_main, main_first
 
@@ -52,6 +54,9 @@ MANIFEST, VERIFIED, OLD_META = "manifest.json", "verified.json", "meta.json"
 
 
 class _ImageRows(Dataset):
+    """The images of the cache build, one row each. The DataLoader fetches a batch through ``__getitems__``, which
+    loads its images in threads: with ``num_workers=0`` the trunk is idle meanwhile, so its cores load them."""
+
     def __init__(self, paths: list[str], indices: list[int], transform: ImageTransform, intensity: str, color: str):
         self.paths, self.indices, self.transform = paths, indices, transform
         self.intensity, self.color = intensity, color
@@ -63,6 +68,10 @@ class _ImageRows(Dataset):
         row = self.indices[i]
         tensor, zoom = load_transformed(self.paths[row], self.transform, self.intensity, self.color)
         return tensor, torch.tensor(zoom, dtype=torch.float32), torch.tensor(row)
+
+    def __getitems__(self, indices: list[int]) -> list:
+        with single_threaded_blas():   # once per batch: each loading thread's products on one core
+            return thread_map(self.__getitem__, indices)
 
 
 class ShardedRows:

@@ -75,7 +75,11 @@ def to_markdown(report: dict) -> str:
     m = report['machine']
     lines = [
         '# emclip benchmarks', '',
-        f'Command: `{report["command"]}` — {m["date"]}, {report["total_seconds"]:.0f} s in total.', '',
+        (f'Command: `{report["command"]}` — {m["date"]}, {report["total_seconds"]:.0f} s in total.' if
+         len(report.get('commands', [])) < 2 else
+         'Commands: ' + ', '.join(f'`{c}`' for c in report['commands']) +
+         f' (each benchmark names the one that measured it); {report["total_seconds"]:.0f} s of benchmarks in total.'),
+        '',
         f'Machine: {m["cpu"]}, {m["cores_usable"]} usable cores, {m["memory_gb"]} GB RAM; torch {m["torch"]} with '
         f'{m["torch_threads"]} threads, OMP_WAIT_POLICY={m["omp_wait_policy"]}; Python {m["python"]}; load average '
         f'at start {", ".join(map(str, m["load_average"]))}. The machine is shared: absolute times are noise; each '
@@ -95,8 +99,29 @@ def to_markdown(report: dict) -> str:
             continue
         lines += [markdown_table(res['table']['columns'], res['table']['rows']), '']
         lines += [f'* {note}' for note in res['notes']]
-        lines += [f'* settings: `{json.dumps(res["config"])}`', '']
+        lines += [f'* settings: `{json.dumps(res["config"])}`']
+        if 'measured_by' in res:
+            lines += [f'* measured by `{res["measured_by"]["command"]}` on {res["measured_by"]["date"]}, '
+                      f'{res.get("seconds", 0):.0f} s']
+        lines += ['']
     return '\n'.join(lines) + '\n'
+
+
+def _updated(previous: dict, now: dict) -> dict:
+    """``previous`` with the benchmarks of ``now`` replaced (or added), in the order of ``BENCHMARKS``; each result
+    keeps the command and machine it was measured with, and the report lists every command that contributed."""
+    for res in previous['results']:
+        res.setdefault('measured_by', dict(command=previous['command'], date=previous['machine']['date']))
+    for res in now['results']:
+        res['measured_by'] = dict(command=now['command'], date=now['machine']['date'])
+    ran = {r['name'] for r in now['results']}
+    merged = {r['name']: r for r in previous['results'] if r['name'] not in ran}
+    merged.update({r['name']: r for r in now['results']})
+    order = list(BENCHMARKS)
+    results = sorted(merged.values(), key=lambda r: order.index(r['name']) if r['name'] in order else len(order))
+    commands = list(dict.fromkeys(previous.get('commands', [previous['command']]) + [now['command']]))
+    return dict(now, results=results, commands=commands,
+                total_seconds=round(sum(r.get('seconds', 0) for r in results), 1))
 
 
 def main(argv=None):
@@ -106,6 +131,8 @@ def main(argv=None):
                     help='retrieval with all 15,000 report queries; the scale rehearsal at 15,000 patients')
     ap.add_argument('--smoke', action='store_true', help='tiny model and toy sizes: checks that everything runs')
     ap.add_argument('--out', default=os.path.join(benchutil.ROOT, 'reports', 'benchmarks'))
+    ap.add_argument('--update', action='store_true',
+                    help='keep the other benchmarks of the report already in --out and replace only those run now')
     args = ap.parse_args(argv)
     argv_used = [os.path.relpath(os.path.abspath(__file__), benchutil.ROOT)] + list(argv if argv is not None
                                                                                     else sys.argv[1:])
@@ -130,8 +157,10 @@ def main(argv=None):
         print(f'[{name}: {res["seconds"]} s]', flush=True)
         results.append(res)
     total = time.perf_counter() - start
-    report = dict(command=machine['command'], machine=machine, total_seconds=round(total, 1), results=results)
     out = Path(args.out)
+    report = dict(command=machine['command'], machine=machine, total_seconds=round(total, 1), results=results)
+    if args.update and (out / 'benchmarks.json').exists():
+        report = _updated(json.loads((out / 'benchmarks.json').read_text()), report)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'benchmarks.json').write_text(json.dumps(report, indent=2, default=str) + '\n')
     (out / 'benchmarks.md').write_text(to_markdown(report))

@@ -83,3 +83,19 @@ def test_run_all_smoke(tmp_path):
     assert cache['extra']['cache_max_abs_diff'] == 0.0
     md = (out / 'benchmarks.md').read_text()
     assert '## Every ratio measured' in md and '1. Batched bags' in md
+
+
+def test_an_updated_report_replaces_only_the_benchmarks_run_again():
+    run_all = _import_bench('run_all')
+    previous = {'command': 'run_all.py', 'machine': {'date': 'd1'},
+                'results': [{'name': 'loader', 'seconds': 3.0}, {'name': 'batching', 'seconds': 5.0}]}
+    now = {'command': 'run_all.py --only batching --update', 'machine': {'date': 'd2'},
+           'results': [{'name': 'batching', 'seconds': 7.0}]}
+    merged = run_all._updated(previous, now)
+    assert [(r['name'], r['seconds'], r['measured_by']['date']) for r in merged['results']] == \
+        [('batching', 7.0, 'd2'), ('loader', 3.0, 'd1')]          # the order of BENCHMARKS, provenance kept
+    assert merged['commands'] == ['run_all.py', 'run_all.py --only batching --update']
+    assert merged['total_seconds'] == 10.0
+    assert 'Commands:' in run_all.to_markdown(dict(merged, machine=dict(
+        date='d2', cpu='x', cores_usable=2, memory_gb=1, torch='t', torch_threads=2, omp_wait_policy='PASSIVE',
+        python='3', load_average=[0, 0, 0]), results=[]))

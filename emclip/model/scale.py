@@ -109,6 +109,21 @@ class ScaleEmbed(nn.Module):
             return self.table(self._bins(u))
         return self.proj(self.encoding(u).to(self.proj.weight.dtype))
 
+    def add_to(self, h: torch.Tensor, nm_per_px: torch.Tensor) -> torch.Tensor:
+        """h + e(s) for h [N, F], nm/px [N], in one fused product: addmm(h, [enc, 1], [P, c]ᵀ) writes the sum once
+        (no F-wide e(s) temporary, no separate bias pass); the bias gradient is part of the weight's product."""
+        if self.encoding is None or h.dim() != 2:
+            return h + self(nm_per_px).to(h.dtype)
+        enc = self.encoding(self.norm(nm_per_px)).to(h.dtype)
+        enc = torch.cat([enc, enc.new_ones(len(enc), 1)], dim=1)
+        return torch.addmm(h, enc, torch.cat([self.proj.weight, self.proj.bias[:, None]], dim=1).to(h.dtype).T)
+
+    def pooled(self, nm_per_px: torch.Tensor, pool: Callable) -> torch.Tensor:
+        """pool(e(s)) for an affine ``pool`` whose weights sum to one: P pool(enc) + c, the encoding pooled first."""
+        if self.encoding is None:
+            return pool(self(nm_per_px))
+        return self.proj(pool(self.encoding(self.norm(nm_per_px)).to(self.proj.weight.dtype)))
+
     def through(self, nm_per_px: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """e(s) @ weight.T [..., out] without forming the feature_dim-wide e(s): the linear maps are multiplied
         first, (P enc + c) Wᵀ = enc (W P)ᵀ + W c (a table: its rows times Wᵀ), so neither e(s) nor its gradient is
@@ -216,13 +231,15 @@ class ScaleConditioning(nn.Module):
         if self.mode != 'mlp':
             return pool(self(h, nm_per_px))
         x, mlp = self._mlp_input(h, nm_per_px), self.layers['mlp']
-        return pool(x) + mlp[-1](pool(mlp[:-1](x)))
+        # pool(x) = pool(h) + pool(e(s)) = pool(h) + P pool(enc) + c: x's gradient then comes from the MLP alone
+        feature = self.embeds['feature'] if 'feature' in self.embeds else None
+        pooled_x = pool(h) if feature is None else pool(h) + feature.pooled(nm_per_px, pool).to(h.dtype)
+        return pooled_x + mlp[-1](pool(mlp[:-1](x)))
 
     def _mlp_input(self, h: torch.Tensor, nm_per_px: torch.Tensor) -> torch.Tensor:
         """x = h + e(s), what the mlp mode's MLP reads (h in the blind arm)."""
         feature = self.embeds['feature'] if 'feature' in self.embeds else None
-        x = h + feature(nm_per_px).to(h.dtype) if feature is not None else h
-        return x
+        return feature.add_to(h, nm_per_px) if feature is not None else h
 
     def attention_context(self, nm_per_px: torch.Tensor) -> Optional[torch.Tensor]:
         """Additive terms [B, K, 2H] for the gated-attention scorer's two hidden pre-activations, or None."""

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import emclip.model.emclip as emclip_module
+import emclip.model.scale as scale_module
 from emclip.data import collate_bags
 from emclip.model import build_model
 from emclip.model.scale import ScaleEmbed
@@ -106,6 +107,7 @@ def test_packed_features_equal_padded(mode, aggregator, aware, monkeypatch):
     scales, mask, feats = _bags()
     for fold_from in (0, 10 ** 9):  # the add mode's folded projection and the plain one
         monkeypatch.setattr(emclip_module, 'FOLD_MIN_INSTANCES', fold_from)
+        monkeypatch.setattr(scale_module, 'FUSE_MIN_INSTANCES', fold_from)  # fused mlp too
         for instances in (True, False):
             assert_equal_to_padded(net, scales, mask, instances=instances, features=feats)
 
@@ -117,10 +119,12 @@ def test_packed_with_scale_attention_and_every_encoding(mode, encoding, monkeypa
     scales, mask, feats = _bags()
     for fold_from in (0, 10 ** 9):
         monkeypatch.setattr(emclip_module, 'FOLD_MIN_INSTANCES', fold_from)
+        monkeypatch.setattr(scale_module, 'FUSE_MIN_INSTANCES', fold_from)  # fused mlp too
         assert_equal_to_padded(net, scales, mask, features=feats)
     net = _model(scale_mode=mode, aggregator='mean', scale_encoding=encoding)
     for fold_from in (0, 10 ** 9):
         monkeypatch.setattr(emclip_module, 'FOLD_MIN_INSTANCES', fold_from)
+        monkeypatch.setattr(scale_module, 'FUSE_MIN_INSTANCES', fold_from)  # fused mlp too
         assert_equal_to_padded(net, scales, mask, instances=False, features=feats)
 
 
@@ -128,6 +132,7 @@ def test_packed_with_scale_attention_and_every_encoding(mode, encoding, monkeypa
 @pytest.mark.parametrize('aggregator', AGGREGATORS)
 def test_packed_single_and_unit_bags(sizes, aggregator, monkeypatch):
     monkeypatch.setattr(emclip_module, 'FOLD_MIN_INSTANCES', 0)
+    monkeypatch.setattr(scale_module, 'FUSE_MIN_INSTANCES', 0)  # fused mlp too
     for mode in FEATURE_MODES:
         net = _model(scale_mode=mode, aggregator=aggregator)
         scales, mask, feats = _bags(sizes)
@@ -155,6 +160,7 @@ def test_packed_scale_in_vit_trunk_equals_padded(aggregator):
 
 def test_packed_frozen_trunk_folds_like_cached_features(monkeypatch):
     monkeypatch.setattr(emclip_module, 'FOLD_MIN_INSTANCES', 0)
+    monkeypatch.setattr(scale_module, 'FUSE_MIN_INSTANCES', 0)  # fused mlp too
     net = _model(scale_mode='add', aggregator='gated_attention', lock_image=True).eval()
     scales, mask, images = _bags(images=True)
     assert_equal_to_padded(net, scales, mask, tol=1e-9, images=images)
@@ -242,3 +248,28 @@ def test_scale_embed_fused_add_and_pooled(encoding):
     torch.testing.assert_close(embed.add_to(h, s), h + embed(s))
     packed = Packed.of(torch.tensor([[True, True, False], [True, True, True]]))
     torch.testing.assert_close(embed.pooled(s, packed.mean), packed.mean(embed(s)))
+
+
+def test_fused_mlp_from_its_threshold_on_in_float32(monkeypatch):
+    """At the default threshold a batch of 100 real instances runs the fused LayerNorm + linear: the same patient
+    embeddings and gradients, in float32, as the plain layers."""
+    assert scale_module.FUSE_MIN_INSTANCES <= 100
+    torch.manual_seed(0)
+    net = build_model('tiny')
+    with torch.no_grad():
+        for p in net.scale.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    scales, mask, feats = _bags(sizes=(40, 1, 59), dim=net.num_features)
+    scales, feats = scales.float(), feats.float()[mask]
+    weights = _weights([net.encode_bags(scales, mask, packed_features=feats, instances=False).patient])
+    runs = []
+    for fuse_from in (scale_module.FUSE_MIN_INSTANCES, 10 ** 9):
+        monkeypatch.setattr(scale_module, 'FUSE_MIN_INSTANCES', fuse_from)
+        runs.append(_run(copy.deepcopy(net), lambda m: [m.encode_bags(scales, mask, packed_features=feats,
+                                                                      instances=False).patient], weights))
+    (fused, fused_grads), (plain, plain_grads) = runs
+    torch.testing.assert_close(fused[0], plain[0])
+    assert set(fused_grads) == set(plain_grads)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()) + 1e-7,
+                                   msg=name)

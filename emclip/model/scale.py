@@ -146,6 +146,10 @@ def create_scale_embed(feature_dim: int, cfg: dict, encoding: str = None) -> Sca
 
 
 SCALE_MODES = ('add', 'film', 'mlp', 'trunk')
+# From this many packed instances on, the mlp mode's LayerNorm + first linear run fused (``_NormLinear``): its backward
+# costs a fixed F x H x (d + 1) product (~85 MFLOP at 1280 x 512 x 65) and saves the N x H x F input gradient
+# (~1.3 MFLOP per instance), so it pays off above ~65 instances; a small bag alone runs the plain layers.
+FUSE_MIN_INSTANCES = 64
 # mlp (with mean pooling) was chosen on validation by the scale study (docs/study.md)
 DEFAULT_SCALE_MODE = 'mlp'
 
@@ -241,7 +245,7 @@ class ScaleConditioning(nn.Module):
         needs no F-wide product: h constant (cached features), e(s) a fixed encoding."""
         feature = self.embeds['feature'] if 'feature' in self.embeds else None
         norm, first = self.layers['mlp'][0], self.layers['mlp'][1]
-        fusable = (h.dim() == 2 and not h.requires_grad and norm.elementwise_affine and norm.bias is not None
+        fusable = (h.dim() == 2 and len(h) >= FUSE_MIN_INSTANCES and not h.requires_grad and norm.elementwise_affine and norm.bias is not None
                    and (feature is None or (feature.encoding_name == 'sincos')))
         if not fusable:
             return self.layers['mlp'][2](first(norm(self._mlp_input(h, nm_per_px))))

@@ -245,8 +245,9 @@ class ScaleConditioning(nn.Module):
         needs no F-wide product: h constant (cached features), e(s) a fixed encoding."""
         feature = self.embeds['feature'] if 'feature' in self.embeds else None
         norm, first = self.layers['mlp'][0], self.layers['mlp'][1]
-        fusable = (h.dim() == 2 and len(h) >= FUSE_MIN_INSTANCES and not h.requires_grad and norm.elementwise_affine and norm.bias is not None
-                   and (feature is None or (feature.encoding_name == 'sincos')))
+        fusable = (h.dim() == 2 and len(h) >= FUSE_MIN_INSTANCES and not h.requires_grad
+                   and norm.elementwise_affine and norm.bias is not None
+                   and (feature is None or feature.encoding_name == 'sincos'))
         if not fusable:
             return self.layers['mlp'][2](first(norm(self._mlp_input(h, nm_per_px))))
         if feature is None:

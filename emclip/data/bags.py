@@ -123,7 +123,8 @@ def collate_bags(items: list[dict], padded: bool = True) -> dict:
         nm[i, :n] = it["nm_per_pixel"]
         mask[i, :n] = True
         index[i, :n] = it["image_index"]
-    return {"packed_features" if pack else key: data, "scales": scales, "nm_per_pixel": nm, "mask": mask, "image_index": index,
+    return {"packed_features" if pack else key: data, "scales": scales, "nm_per_pixel": nm, "mask": mask,
+            "image_index": index,
             "reports": [it["report"] for it in items], "patient_ids": [it["patient_id"] for it in items],
             "diagnoses": [it["diagnosis"] for it in items], "image_paths": [it["image_paths"] for it in items],
             "diagnosis_sources": [it.get("diagnosis_source", "given" if it.get("diagnosis") else "none")

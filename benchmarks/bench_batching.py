@@ -91,10 +91,14 @@ def one_bag(model, bag) -> torch.Tensor:
 def patient_embeddings(arm: str, model, bags: list) -> torch.Tensor:
     if arm.startswith('batch1'):
         return torch.cat([one_bag(model, b) for b in bags])
-    batch = collate_bags(bags)  # the padding is part of the batched arms' cost, as in their DataLoader
+    # collating is part of the batched arms' cost, as in their DataLoader: the previous way padded the features,
+    # the shipped one packs them (collate_bags(padded=False): the real rows concatenated, no padded copy)
     if arm == 'padded (previous)':
+        batch = collate_bags(bags)
         return encode_padded(model, batch['scales'], batch['mask'], batch['features'])
-    return model.encode_bags(batch['scales'], batch['mask'], features=batch['features'], instances=False).patient
+    batch = collate_bags(bags, padded=False)
+    return model.encode_bags(batch['scales'], batch['mask'], packed_features=batch['packed_features'],
+                             instances=False).patient
 
 
 def loss_backward(arm: str, model, bags: list, loss_fn) -> torch.Tensor:

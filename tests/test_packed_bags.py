@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import emclip.model.emclip as emclip_module
+import emclip.model.scale as scale_module
+from emclip.data import collate_bags
 from emclip.model import build_model
+from emclip.model.scale import ScaleEmbed
 from emclip.model.aggregators import Packed
 
 SIZES = (3, 1, 5, 2, 1)  # mixed bag sizes in one padded batch, K = 5
@@ -81,14 +84,19 @@ def assert_equal_to_padded(net, scales, mask, instances=True, tol=1e-10, **data)
     keep = (0, 1, 2) if instances else (0, 2)
     weights = _weights([ref_out[i] for i in keep])
     ref, ref_grads = _run(ref_net, lambda m: [padded_reference(m, scales, mask, **pad_data)[i] for i in keep], weights)
-    got, grads = _run(new_net, lambda m: [m.encode_bags(scales, mask, instances=instances, **data)[i] for i in keep],
-                      weights)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
-    assert set(grads) == set(ref_grads) and grads
-    scale = max(float(g.abs().max()) for g in ref_grads.values())
-    for name, g in ref_grads.items():
-        torch.testing.assert_close(grads[name], g, rtol=tol, atol=tol * scale, msg=f'gradient of {name}')
+    routes = [data]
+    if 'features' in data:  # the features already packed, as collate_bags(padded=False) gives them
+        routes.append(dict(packed_features=data['features'][mask]))
+    for route in routes:
+        got, grads = _run(copy.deepcopy(new_net),
+                          lambda m: [m.encode_bags(scales, mask, instances=instances, **route)[i] for i in keep],
+                          weights)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        assert set(grads) == set(ref_grads) and grads
+        scale = max(float(g.abs().max()) for g in ref_grads.values())
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=tol, atol=tol * scale, msg=f'gradient of {name}')
 
 
 @pytest.mark.parametrize('aggregator', AGGREGATORS)
@@ -99,6 +107,7 @@ def test_packed_features_equal_padded(mode, aggregator, aware, monkeypatch):
     scales, mask, feats = _bags()
     for fold_from in (0, 10 ** 9):  # the add mode's folded projection and the plain one
         monkeypatch.setattr(emclip_module, 'FOLD_MIN_INSTANCES', fold_from)
+        monkeypatch.setattr(scale_module, 'FUSE_MIN_INSTANCES', fold_from)  # fused mlp too
         for instances in (True, False):
             assert_equal_to_padded(net, scales, mask, instances=instances, features=feats)
 
@@ -110,10 +119,12 @@ def test_packed_with_scale_attention_and_every_encoding(mode, encoding, monkeypa
     scales, mask, feats = _bags()
     for fold_from in (0, 10 ** 9):
         monkeypatch.setattr(emclip_module, 'FOLD_MIN_INSTANCES', fold_from)
+        monkeypatch.setattr(scale_module, 'FUSE_MIN_INSTANCES', fold_from)  # fused mlp too
         assert_equal_to_padded(net, scales, mask, features=feats)
     net = _model(scale_mode=mode, aggregator='mean', scale_encoding=encoding)
     for fold_from in (0, 10 ** 9):
         monkeypatch.setattr(emclip_module, 'FOLD_MIN_INSTANCES', fold_from)
+        monkeypatch.setattr(scale_module, 'FUSE_MIN_INSTANCES', fold_from)  # fused mlp too
         assert_equal_to_padded(net, scales, mask, instances=False, features=feats)
 
 
@@ -121,6 +132,7 @@ def test_packed_with_scale_attention_and_every_encoding(mode, encoding, monkeypa
 @pytest.mark.parametrize('aggregator', AGGREGATORS)
 def test_packed_single_and_unit_bags(sizes, aggregator, monkeypatch):
     monkeypatch.setattr(emclip_module, 'FOLD_MIN_INSTANCES', 0)
+    monkeypatch.setattr(scale_module, 'FUSE_MIN_INSTANCES', 0)  # fused mlp too
     for mode in FEATURE_MODES:
         net = _model(scale_mode=mode, aggregator=aggregator)
         scales, mask, feats = _bags(sizes)
@@ -148,6 +160,7 @@ def test_packed_scale_in_vit_trunk_equals_padded(aggregator):
 
 def test_packed_frozen_trunk_folds_like_cached_features(monkeypatch):
     monkeypatch.setattr(emclip_module, 'FOLD_MIN_INSTANCES', 0)
+    monkeypatch.setattr(scale_module, 'FUSE_MIN_INSTANCES', 0)  # fused mlp too
     net = _model(scale_mode='add', aggregator='gated_attention', lock_image=True).eval()
     scales, mask, images = _bags(images=True)
     assert_equal_to_padded(net, scales, mask, tol=1e-9, images=images)
@@ -189,3 +202,74 @@ def test_packed_layout_is_bag_by_bag():
     assert packed.pad(x)[..., 0].tolist() == [[0, 1, 0], [2, 0, 0], [3, 4, 5]]
     with pytest.raises(ValueError, match=r'\[1\]'):
         Packed.of(torch.tensor([[True], [False]]))
+
+
+def _items(sizes, dim=7, images=False):
+    g = torch.Generator().manual_seed(3)
+    key, shape = ('images', (3, 4, 4)) if images else ('features', (dim,))
+    return [{key: torch.randn(n, *shape, generator=g), 'scales': torch.rand(n, generator=g) + 1,
+             'nm_per_pixel': torch.rand(n, generator=g) + 1, 'image_index': torch.arange(n), 'report': f'r{i}',
+             'patient_id': f'P{i}', 'diagnosis': '', 'image_paths': []} for i, n in enumerate(sizes)]
+
+
+def test_collate_packed_features_are_the_real_rows_in_mask_order():
+    items = _items((3, 1, 4))
+    padded, packed = collate_bags(items), collate_bags(items, padded=False)
+    assert 'features' not in packed and 'packed_features' not in padded
+    torch.testing.assert_close(packed['packed_features'], padded['features'][padded['mask']], rtol=0, atol=0)
+    for key in ('scales', 'nm_per_pixel', 'mask', 'image_index'):
+        assert torch.equal(packed[key], padded[key])
+    images = collate_bags(_items((2, 1), images=True), padded=False)  # images are always padded
+    assert images['images'].shape == (2, 2, 3, 4, 4) and 'packed_features' not in images
+
+
+def test_forward_reads_packed_features_and_checks_them():
+    torch.manual_seed(0)
+    net = build_model('tiny')
+    items = _items((3, 1, 5, 2), dim=net.num_features)
+    padded, packed = collate_bags(items), collate_bags(items, padded=False)
+    full, lean = net(padded, instances=False), net(packed, instances=False)
+    torch.testing.assert_close(lean['patient'], full['patient'])
+    with pytest.raises(ValueError, match='packed_features'):
+        net.encode_bags(packed['scales'], packed['mask'], packed_features=packed['packed_features'][1:])
+    with pytest.raises(ValueError, match='one of'):
+        net.encode_bags(packed['scales'], packed['mask'], packed_features=packed['packed_features'],
+                        features=padded['features'])
+
+
+@pytest.mark.parametrize('encoding', ['sincos', 'fourier', 'binned'])
+def test_scale_embed_fused_add_and_pooled(encoding):
+    torch.manual_seed(0)
+    embed = ScaleEmbed(6, encoding=encoding, dim=4).double()
+    with torch.no_grad():
+        for p in embed.parameters():
+            p.add_(torch.randn_like(p))
+    h, s = torch.randn(5, 6, dtype=torch.float64), torch.rand(5, dtype=torch.float64) * 50 + 2
+    torch.testing.assert_close(embed.add_to(h, s), h + embed(s))
+    packed = Packed.of(torch.tensor([[True, True, False], [True, True, True]]))
+    torch.testing.assert_close(embed.pooled(s, packed.mean), packed.mean(embed(s)))
+
+
+def test_fused_mlp_from_its_threshold_on_in_float32(monkeypatch):
+    """At the default threshold a batch of 100 real instances runs the fused LayerNorm + linear: the same patient
+    embeddings and gradients, in float32, as the plain layers."""
+    assert scale_module.FUSE_MIN_INSTANCES <= 100
+    torch.manual_seed(0)
+    net = build_model('tiny')
+    with torch.no_grad():
+        for p in net.scale.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    scales, mask, feats = _bags(sizes=(40, 1, 59), dim=net.num_features)
+    scales, feats = scales.float(), feats.float()[mask]
+    weights = _weights([net.encode_bags(scales, mask, packed_features=feats, instances=False).patient])
+    runs = []
+    for fuse_from in (scale_module.FUSE_MIN_INSTANCES, 10 ** 9):
+        monkeypatch.setattr(scale_module, 'FUSE_MIN_INSTANCES', fuse_from)
+        runs.append(_run(copy.deepcopy(net), lambda m: [m.encode_bags(scales, mask, packed_features=feats,
+                                                                      instances=False).patient], weights))
+    (fused, fused_grads), (plain, plain_grads) = runs
+    torch.testing.assert_close(fused[0], plain[0])
+    assert set(fused_grads) == set(plain_grads)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()) + 1e-7,
+                                   msg=name)

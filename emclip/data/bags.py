@@ -90,12 +90,16 @@ class BagDataset(Dataset):
         return item
 
 
-def collate_bags(items: list[dict]) -> dict:
+def collate_bags(items: list[dict], padded: bool = True) -> dict:
     """Pad bags to the longest in the batch.
 
     Returns ``images`` (B, K, C, H, W) or ``features`` (B, K, F), ``scales`` (B, K) effective nm/px,
     ``nm_per_pixel`` (B, K), ``mask`` (B, K) True for real images, ``image_index`` (B, K) with -1 at padding,
     and the lists ``reports``, ``patient_ids``, ``diagnoses``, ``image_paths``.
+
+    ``padded=False`` (cached features only) gives ``packed_features`` (N, F), the bags' rows concatenated in mask
+    order, instead of ``features``: what ``EMClip.encode_bags`` computes on, without building the padded copy it
+    would only gather the real rows back out of. Images are always padded.
     """
     if not items:
         raise ValueError("cannot collate an empty batch")
@@ -106,18 +110,21 @@ def collate_bags(items: list[dict]) -> dict:
         raise ValueError(f"empty bag(s) for patient(s) {', '.join(empty)}: every patient needs at least one image")
     b, k = len(items), max(sizes)
     first = items[0][key]
-    data = first.new_zeros((b, k, *first.shape[1:]))
+    pack = key == "features" and not padded
+    data = torch.cat([it[key] for it in items]) if pack else first.new_zeros((b, k, *first.shape[1:]))
     scales = torch.full((b, k), PAD_SCALE, dtype=torch.float32)
     nm = torch.full((b, k), PAD_SCALE, dtype=torch.float32)
     mask = torch.zeros((b, k), dtype=torch.bool)
     index = torch.full((b, k), -1, dtype=torch.long)
     for i, (it, n) in enumerate(zip(items, sizes)):
-        data[i, :n] = it[key]
+        if not pack:
+            data[i, :n] = it[key]
         scales[i, :n] = it["scales"]
         nm[i, :n] = it["nm_per_pixel"]
         mask[i, :n] = True
         index[i, :n] = it["image_index"]
-    return {key: data, "scales": scales, "nm_per_pixel": nm, "mask": mask, "image_index": index,
+    return {"packed_features" if pack else key: data, "scales": scales, "nm_per_pixel": nm, "mask": mask,
+            "image_index": index,
             "reports": [it["report"] for it in items], "patient_ids": [it["patient_id"] for it in items],
             "diagnoses": [it["diagnosis"] for it in items], "image_paths": [it["image_paths"] for it in items],
             "diagnosis_sources": [it.get("diagnosis_source", "given" if it.get("diagnosis") else "none")

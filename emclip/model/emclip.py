@@ -133,8 +133,10 @@ class EMClip(nn.Module):
             images: Optional[torch.Tensor] = None,
             features: Optional[torch.Tensor] = None,
             instances: bool = True,
+            packed_features: Optional[torch.Tensor] = None,
     ) -> BagEmbeddings:
-        """Embed padded bags from images [B, K, C, H, W] or cached trunk features [B, K, F].
+        """Embed padded bags from images [B, K, C, H, W] or cached trunk features [B, K, F] (or their real rows
+        already packed, ``packed_features`` [N, F] in mask order: ``collate_bags(..., padded=False)``).
 
         Only the real instances are computed: they are packed ([N, F] = h[mask]), every per-instance layer runs on
         them, and the aggregator pools them per bag (``aggregators.pool_packed``); the result equals each bag
@@ -144,7 +146,17 @@ class EMClip(nn.Module):
         """
         mask, scales = mask.to(self.device), scales.to(self.device)
         packed = Packed.of(mask)
-        if features is None:
+        if packed_features is not None:
+            if features is not None or images is not None:
+                raise ValueError('encode_bags takes one of images, features or packed_features')
+            if self.scale_in_trunk:
+                raise ValueError('scale.mode "trunk" reads the scale inside the trunk: it needs images, not cached '
+                                 'features (train it with mode=e2e)')
+            if packed_features.shape != (len(packed.bag), self.num_features):
+                raise ValueError(f'packed_features {tuple(packed_features.shape)} do not match the {len(packed.bag)} '
+                                 f'real instances of mask {tuple(mask.shape)} and trunk width {self.num_features}')
+            h = packed_features.to(self.device)
+        elif features is None:
             if images is None:
                 raise ValueError('encode_bags needs images [B, K, C, H, W] or features [B, K, F]')
             # only real images go through the trunk: saves compute and keeps padding out of BatchNorm statistics
@@ -206,7 +218,8 @@ class EMClip(nn.Module):
         """Embeddings of a collated batch; cached pooled report features may come as ``batch["text_features"]``.
         ``instances=False`` leaves the image-level embeddings out (see ``encode_bags``): a training step's saving."""
         bags = self.encode_bags(batch['scales'], batch['mask'], images=batch.get('images'),
-                                features=batch.get('features'), instances=instances)
+                                features=batch.get('features'), instances=instances,
+                                packed_features=batch.get('packed_features'))
         if batch.get('text_features') is not None:
             report = self.project_text(batch['text_features'])
         else:

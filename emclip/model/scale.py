@@ -109,6 +109,21 @@ class ScaleEmbed(nn.Module):
             return self.table(self._bins(u))
         return self.proj(self.encoding(u).to(self.proj.weight.dtype))
 
+    def add_to(self, h: torch.Tensor, nm_per_px: torch.Tensor) -> torch.Tensor:
+        """h + e(s) for h [N, F], nm/px [N], in one fused product: addmm(h, [enc, 1], [P, c]ᵀ) writes the sum once
+        (no F-wide e(s) temporary, no separate bias pass); the bias gradient is part of the weight's product."""
+        if self.encoding is None or h.dim() != 2:
+            return h + self(nm_per_px).to(h.dtype)
+        enc = self.encoding(self.norm(nm_per_px)).to(h.dtype)
+        enc = torch.cat([enc, enc.new_ones(len(enc), 1)], dim=1)
+        return torch.addmm(h, enc, torch.cat([self.proj.weight, self.proj.bias[:, None]], dim=1).to(h.dtype).T)
+
+    def pooled(self, nm_per_px: torch.Tensor, pool: Callable) -> torch.Tensor:
+        """pool(e(s)) for an affine ``pool`` whose weights sum to one: P pool(enc) + c, the encoding pooled first."""
+        if self.encoding is None:
+            return pool(self(nm_per_px))
+        return self.proj(pool(self.encoding(self.norm(nm_per_px)).to(self.proj.weight.dtype)))
+
     def through(self, nm_per_px: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """e(s) @ weight.T [..., out] without forming the feature_dim-wide e(s): the linear maps are multiplied
         first, (P enc + c) Wᵀ = enc (W P)ᵀ + W c (a table: its rows times Wᵀ), so neither e(s) nor its gradient is
@@ -131,6 +146,10 @@ def create_scale_embed(feature_dim: int, cfg: dict, encoding: str = None) -> Sca
 
 
 SCALE_MODES = ('add', 'film', 'mlp', 'trunk')
+# From this many packed instances on, the mlp mode's LayerNorm + first linear run fused (``_NormLinear``): its backward
+# costs a fixed F x H x (d + 1) product (~85 MFLOP at 1280 x 512 x 65) and saves the N x H x F input gradient
+# (~1.3 MFLOP per instance), so it pays off above ~65 instances; a small bag alone runs the plain layers.
+FUSE_MIN_INSTANCES = 64
 # mlp (with mean pooling) was chosen on validation by the scale study (docs/study.md)
 DEFAULT_SCALE_MODE = 'mlp'
 
@@ -215,14 +234,35 @@ class ScaleConditioning(nn.Module):
         """
         if self.mode != 'mlp':
             return pool(self(h, nm_per_px))
-        x, mlp = self._mlp_input(h, nm_per_px), self.layers['mlp']
-        return pool(x) + mlp[-1](pool(mlp[:-1](x)))
+        mlp = self.layers['mlp']
+        # pool(x) = pool(h) + pool(e(s)) = pool(h) + P pool(enc) + c: x's gradient then comes from the MLP alone
+        feature = self.embeds['feature'] if 'feature' in self.embeds else None
+        pooled_x = pool(h) if feature is None else pool(h) + feature.pooled(nm_per_px, pool).to(h.dtype)
+        return pooled_x + mlp[-1](pool(self._mlp_hidden(h, nm_per_px)))
+
+    def _mlp_hidden(self, h: torch.Tensor, nm_per_px: torch.Tensor) -> torch.Tensor:
+        """GELU(W1 LN(h + e(s)) + b1) [N, hidden] of packed h [N, F]; fused (``_NormLinear``) when the gradient
+        needs no F-wide product: h constant (cached features), e(s) a fixed encoding."""
+        feature = self.embeds['feature'] if 'feature' in self.embeds else None
+        norm, first = self.layers['mlp'][0], self.layers['mlp'][1]
+        fusable = (h.dim() == 2 and len(h) >= FUSE_MIN_INSTANCES and not h.requires_grad
+                   and norm.elementwise_affine and norm.bias is not None
+                   and (feature is None or feature.encoding_name == 'sincos'))
+        if not fusable:
+            return self.layers['mlp'][2](first(norm(self._mlp_input(h, nm_per_px))))
+        if feature is None:
+            enc, embed = h.new_zeros(len(h), 0), h.new_zeros(h.shape[1], 0)
+        else:
+            enc = feature.encoding(feature.norm(nm_per_px)).to(h.dtype)
+            enc = torch.cat([enc, enc.new_ones(len(enc), 1)], dim=1)
+            embed = torch.cat([feature.proj.weight, feature.proj.bias[:, None]], dim=1).to(h.dtype)
+        pre = _NormLinear.apply(h, enc, embed, norm.weight, norm.bias, first.weight, first.bias, norm.eps)
+        return self.layers['mlp'][2](pre)
 
     def _mlp_input(self, h: torch.Tensor, nm_per_px: torch.Tensor) -> torch.Tensor:
         """x = h + e(s), what the mlp mode's MLP reads (h in the blind arm)."""
         feature = self.embeds['feature'] if 'feature' in self.embeds else None
-        x = h + feature(nm_per_px).to(h.dtype) if feature is not None else h
-        return x
+        return feature.add_to(h, nm_per_px) if feature is not None else h
 
     def attention_context(self, nm_per_px: torch.Tensor) -> Optional[torch.Tensor]:
         """Additive terms [B, K, 2H] for the gated-attention scorer's two hidden pre-activations, or None."""
@@ -256,6 +296,43 @@ class ScaleConditioning(nn.Module):
             yield
         finally:
             self._trunk_scales = None
+
+
+class _NormLinear(torch.autograd.Function):
+    """u = W1 LN(x) + b1 with x = h + E [enc, 1]ᵀ (h constant, enc fixed), whose backward skips the F-wide products.
+
+    LN(x) = x̂ ⊙ γ + β, so u = x̂ (W1 diag γ)ᵀ + (W1 β + b1) and, with g = ∂L/∂u and M = gᵀ x̂ [H, F], one product
+    gives the layer's gradients: ∂W1 = M diag γ + (gᵀ1) βᵀ, ∂γ = colsum(W1 ⊙ M), ∂β = W1ᵀ gᵀ1, ∂b1 = gᵀ1. The
+    embedding's ∂E = Σ_n ∂x_n [enc_n, 1]ᵀ needs ∂x_n = r_n (ĝ_n - a_n - b_n x̂_n) (LN's backward, ĝ_n = γ ⊙ W1ᵀ g_n,
+    r_n = 1/σ_n) only through products with the narrow [enc, 1]: a_n = g_n·W1γ / F, b_n = g_n·(u_n - W1β - b1) / F
+    (the forward's own x̂ (W1 diag γ)ᵀ), so the N x H x F product W1ᵀ g and the [N, F] ∂x are never formed.
+    """
+
+    @staticmethod
+    def forward(ctx, h, enc, embed, gamma, beta, w1, b1, eps):
+        x = torch.addmm(h, enc, embed.T) if enc.shape[1] else h
+        xhat, _, rstd = torch.native_layer_norm(x, [x.shape[1]], None, None, eps)
+        shift = torch.addmv(b1, w1, beta)
+        u = torch.addmm(shift, xhat, (w1 * gamma).T)
+        ctx.save_for_backward(enc, embed, gamma, beta, w1, xhat, rstd.squeeze(1), u, shift)
+        return u
+
+    @staticmethod
+    def backward(ctx, g):
+        enc, embed, gamma, beta, w1, xhat, rstd, u, shift = ctx.saved_tensors
+        g_sum = g.sum(0)
+        m = g.T @ xhat
+        grad_w1 = torch.addr(m * gamma, g_sum, beta)
+        grad_gamma, grad_beta = (w1 * m).sum(0), w1.T @ g_sum
+        grad_embed = None
+        if ctx.needs_input_grad[2] and enc.shape[1]:
+            f = xhat.shape[1]
+            a = g @ (w1 @ gamma) / f
+            b = (g * (u - shift)).sum(1) / f
+            renc = rstd[:, None] * enc
+            grad_embed = (w1.T @ (g.T @ renc)) * gamma[:, None] - ((rstd * a) @ enc)[None, :] \
+                - xhat.T @ (b[:, None] * renc)
+        return None, None, grad_embed, grad_gamma, grad_beta, grad_w1, g_sum, None
 
 
 class _ZeroVector(nn.Module):

@@ -25,7 +25,7 @@ from benchutil import fmt, machine_info, markdown_table, print_result
 # name -> keyword arguments of bench_<name>.run for the default run: sized for < 10 minutes in all on 2 cores
 BENCHMARKS = {
     'threads': dict(repeats=2),
-    'batching': dict(n_patients=128, epochs=5, caps=[None, 16]),
+    'batching': dict(n_patients=128, epochs=3, caps=[None, 16]),   # both heads: mlp+mean, add+gated_attention
     'cache': dict(n_patients=24, rounds=5),
     'overhead': dict(rounds=7),
     'loader': dict(n_files=8, items=48, rounds=3),

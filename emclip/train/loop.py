@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -258,9 +259,11 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, say, run: Path, ckpt_root
     if is_main:   # after the checks above: a run refused before it started leaves no config.json to compare with
         write_run_info(run, cfg, model, cohort)
     sampler = EpochSampler(len(train_ds), cfg.seed)
+    # cached features arrive packed (only real rows, no padded copy for encode_bags to gather back); images padded
+    collate = functools.partial(collate_bags, padded=False)
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                              collate_fn=collate_bags, num_workers=cfg.num_workers)
-    val_loader = DataLoader(val_ds, batch_size=cfg.eval_batch_size, collate_fn=collate_bags,
+                              collate_fn=collate, num_workers=cfg.num_workers)
+    val_loader = DataLoader(val_ds, batch_size=cfg.eval_batch_size, collate_fn=collate,
                             num_workers=cfg.num_workers)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     steps_per_epoch = len(train_ds) // global_batch // cfg.accum_freq

@@ -49,11 +49,21 @@ class QuietKernelManager(KernelManager):
         super().__init__(**kwargs)
 
     extra_env: dict = {}
+    log_path: str | None = None   # the kernel process's own stdout/stderr (ipykernel's log lines) go here
 
     def start_kernel(self, **kwargs):
         env = dict(kwargs.pop('env', None) or os.environ)
         env['TQDM_DISABLE'] = '1'
         env.update(self.extra_env)
+        if self.log_path is not None:
+            # a kernel started from inside a notebook (04 runs 03 per arm) would otherwise write its log lines, e.g.
+            # "KeyboardInterrupt caught in kernel" from the SIGINT jupyter_client sends at every shutdown, into the
+            # output of the cell that started it
+            log = open(self.log_path, 'ab')   # noqa: SIM115 - the child keeps its own copy of the descriptor
+            try:
+                return super().start_kernel(env=env, stdout=log, stderr=log, **kwargs)
+            finally:
+                log.close()
         return super().start_kernel(env=env, **kwargs)
 
 
@@ -90,7 +100,8 @@ def execute_notebook(name: str, out_dir: str | Path, parameters: dict | None = N
     source = project_root() / 'notebooks' / f'{name}.ipynb'
     out = out_dir / f'{name}.ipynb'
     # a subclass per call carries the extra variables: notebooks run from several threads share no state
-    manager = type('KernelManager', (QuietKernelManager,), {'extra_env': dict(env or {})})
+    manager = type('KernelManager', (QuietKernelManager,), {'extra_env': dict(env or {}),
+                                                          'log_path': str(out_dir / f'{name}.kernel.log')})
     start = time.perf_counter()
     pm.execute_notebook(str(source), str(out), parameters=parameters or {}, cwd=str(cwd or source.parent),
                         progress_bar=False, kernel_name=project_kernel(), kernel_manager_class=manager)

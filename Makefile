@@ -19,7 +19,7 @@ help:
 	@echo "make study    the scale study: 3,000 patients, every arm x 3 seeds (~1 h on 2 cores) -> reports/study/"
 	@echo "make cohort   only generate the embedded cohort into $(DATA)"
 	@echo "make lab      start JupyterLab with the project's kernel"
-	@echo "make bench    run every benchmark (~5 min on 2 cores) -> reports/benchmarks/benchmarks.{md,json}"
+	@echo "make bench    run every benchmark (~15 min on 2 cores) -> reports/benchmarks/benchmarks.{md,json}"
 
 # torch is pinned and installed first: an unpinned resolve would fetch a multi-GB build.
 $(STAMP): pyproject.toml

@@ -50,8 +50,11 @@ class QuietKernelManager(KernelManager):
 
     extra_env: dict = {}
     log_path: str | None = None   # the kernel process's own stdout/stderr (ipykernel's log lines) go here
+    kernel_cwd: str | None = None  # the kernel's working directory (the notebooks folder: relative paths in cells)
 
     def start_kernel(self, **kwargs):
+        if self.kernel_cwd is not None:
+            kwargs['cwd'] = self.kernel_cwd
         env = dict(kwargs.pop('env', None) or os.environ)
         env['TQDM_DISABLE'] = '1'
         env.update(self.extra_env)
@@ -100,10 +103,13 @@ def execute_notebook(name: str, out_dir: str | Path, parameters: dict | None = N
     source = project_root() / 'notebooks' / f'{name}.ipynb'
     out = out_dir / f'{name}.ipynb'
     # a subclass per call carries the extra variables: notebooks run from several threads share no state
+    # the kernel starts in ``cwd`` itself: papermill's own cwd= would chdir this whole process for the run, and
+    # notebooks executed from several threads at once (run_notebooks' stages, 04's arms) would leave it anywhere
     manager = type('KernelManager', (QuietKernelManager,), {'extra_env': dict(env or {}),
-                                                          'log_path': str(out_dir / f'{name}.kernel.log')})
+                                                          'log_path': str(out_dir / f'{name}.kernel.log'),
+                                                          'kernel_cwd': str(cwd or source.parent)})
     start = time.perf_counter()
-    pm.execute_notebook(str(source), str(out), parameters=parameters or {}, cwd=str(cwd or source.parent),
+    pm.execute_notebook(str(source), str(out), parameters=parameters or {}, cwd=None,
                         progress_bar=False, kernel_name=project_kernel(), kernel_manager_class=manager)
     seconds = time.perf_counter() - start
     if html_copy:

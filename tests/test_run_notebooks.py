@@ -151,3 +151,27 @@ def test_the_cohort_is_generated_before_the_first_stage_only_when_it_can_be(monk
         raise FileNotFoundError("data_dir x has no cohort tables")
     monkeypatch.setattr(runinfo, "ensure_cohort", refuse)
     assert not run_notebooks._generate_cohort("ci", print)                      # the notebooks will say why
+
+
+def test_executing_a_notebook_never_changes_this_process_working_directory(tmp_path, monkeypatch):
+    """papermill's cwd= chdirs the whole process while a notebook runs; with notebooks run from threads at once the
+    process was left in notebooks/ (relative paths of later code broke). The kernel gets the folder instead."""
+    import os
+    import papermill
+    from emclip import reports
+    seen = {}
+
+    def fake_execute(source, out, parameters, cwd, progress_bar, kernel_name, kernel_manager_class):
+        seen.update(cwd=cwd, manager=kernel_manager_class, during=os.getcwd())
+        open(out, "w").write("{}")
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    monkeypatch.setattr(reports, "project_kernel", lambda: "emclip")
+    before = os.getcwd()
+    reports.execute_notebook("03_train", tmp_path, {"params": "ci"}, html_copy=False)
+    assert seen["cwd"] is None and seen["during"] == before == os.getcwd()
+    assert seen["manager"].kernel_cwd.endswith("notebooks")
+    started = {}
+    monkeypatch.setattr(reports.KernelManager, "start_kernel", lambda self, **kw: started.update(kw))
+    seen["manager"]().start_kernel()
+    assert started["cwd"] == seen["manager"].kernel_cwd and started["env"]["TQDM_DISABLE"] == "1"

@@ -93,14 +93,16 @@ def _encode(model, texts: list[str], batch_size: int) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def _read_or_encode(model, names: list[str], texts: list[str], batch_size: int, cache_dir, log) -> torch.Tensor:
-    """The cached features of these reports when whole, else encoded (and cached when ``cache_dir`` is given)."""
+def _read_or_encode(model, names: list[str], texts: list[str], batch_size: int, cache_dir, log,
+                    prefix: str = "text") -> torch.Tensor:
+    """The cached features of these texts when whole, else encoded (and cached in ``<cache_dir>/<prefix>-<key>.npz``
+    when ``cache_dir`` is given)."""
     features, path = None, None
     if cache_dir is not None:
         key = text_cache_key(model, names, texts)
-        path = Path(cache_dir) / f"text-{key}.npz"
+        path = Path(cache_dir) / f"{prefix}-{key}.npz"
         if path.exists():
-            dim = int(_encode(model, texts[:1], 1).shape[-1])   # one report: the tower's feature size
+            dim = int(_encode(model, texts[:1], 1).shape[-1])   # one text: the tower's feature size
             features, reason = read_text_cache(path, key, names, dim)
             if features is None:
                 log(f"text cache {path} is damaged ({reason}); rebuilding")
@@ -163,19 +165,6 @@ def cached_text_encoder(model, cache_dir: str | Path, batch_size: int = 64, log=
     same prompts, which took the text transformer ~3 s per evaluation."""
     def encode(texts) -> torch.Tensor:
         texts = [texts] if isinstance(texts, str) else list(texts)
-        key = text_cache_key(model, texts, texts)
-        path = Path(cache_dir) / f"prompts-{key}.npz"
-        features = None
-        if path.exists():
-            dim = int(_encode(model, texts[:1], 1).shape[-1])   # one prompt: the tower's feature size
-            features, reason = read_text_cache(path, key, texts, dim)
-            if features is None:
-                log(f"prompt cache {path} is damaged ({reason}); rebuilding")
-        if features is None:
-            features = _encode(model, texts, batch_size)
-            try:
-                write_text_cache(path, key, texts, features)
-            except OSError as err:   # a read-only cache folder: the features are still correct
-                log(f"prompt cache {path} could not be written ({err}); continuing without it")
+        features = _read_or_encode(model, texts, texts, batch_size, cache_dir, log, prefix="prompts")
         return model.project_text(features)
     return encode

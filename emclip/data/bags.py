@@ -19,18 +19,20 @@ class BagDataset(Dataset):
     With ``transform`` items carry ``images`` (n, C, H, W); with ``features`` (an array indexed by image row of
     ``cohort.images``, e.g. a memory-mapped feature cache) items carry ``features`` (n, F) instead.
     ``max_instances`` samples at most k images per bag, deterministically from (seed, epoch, patient index):
-    call :meth:`set_epoch` each epoch to draw a new subset.
+    call :meth:`set_epoch` each epoch to draw a new subset. ``patients`` (ids, in order) replaces ``split``: a
+    chunk of a large cohort embedded a part at a time.
     """
 
     def __init__(self, cohort: Cohort, split: str | None = None, transform: ImageTransform | None = None,
                  features=None, feature_zoom=None, max_instances: int | None = None, seed: int = 0,
-                 intensity: str = "dtype", color: str = "gray", random_crop: bool = False):
+                 intensity: str = "dtype", color: str = "gray", random_crop: bool = False,
+                 patients: list[str] | None = None):
         if (transform is None) == (features is None):
             raise ValueError("give exactly one of transform (pixels) or features (cached trunk outputs)")
         if max_instances is not None and max_instances < 1:
             raise ValueError(f"max_instances must be >= 1 or None, got {max_instances}")
         self.cohort, self.split = cohort, split
-        self.patients = cohort.patient_ids(split)
+        self.patients = cohort.patient_ids(split) if patients is None else [str(p) for p in patients]
         if not self.patients:
             raise ValueError(f"cohort {cohort.root} has no patients in split {split!r}")
         self.transform, self.features = transform, features

@@ -63,7 +63,7 @@ class Cohort:
     images: pd.DataFrame          # patient_id, path (absolute), nm_per_pixel (float), extra columns
     reports: pd.DataFrame         # patient_id, report, diagnosis (None = unknown), diagnosis_source, diagnosis_note,
     #                               split, extra columns
-    split_source: str             # "column" or "seeded"
+    split_source: str             # "column", "seeded", or "none" (a cohort to apply a model to, without splits)
     dropped: dict = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     labels: dict = field(default_factory=dict)  # where the diagnoses came from (emclip.data.diagnoses)
@@ -315,7 +315,15 @@ def _too_small(reports: pd.DataFrame, name: str, split_source: str) -> list[Prob
                                 f"({shown}): training needs train and val, evaluation needs test; {how}")]
 
 
-def _check_reports_table(df: pd.DataFrame, name: str, problems: list[Problem]) -> pd.DataFrame:
+def _reports_from_images(images: pd.DataFrame) -> pd.DataFrame:
+    """The reports table of an images-only cohort: one row per patient of ``images.csv`` (first-seen order), no
+    report text, no diagnosis and no split (a new patient to embed or predict needs none of them)."""
+    pids = list(dict.fromkeys(_text(p) for p in images.patient_id if _text(p)))
+    return pd.DataFrame({"patient_id": pids, "report": [""] * len(pids)})
+
+
+def _check_reports_table(df: pd.DataFrame, name: str, problems: list[Problem],
+                         reports_required: bool = True) -> pd.DataFrame:
     out = df.copy()
     out["patient_id"] = [_text(p) for p in df.patient_id]
     out["_row"] = range(1, len(df) + 1)
@@ -338,28 +346,34 @@ def _check_reports_table(df: pd.DataFrame, name: str, problems: list[Problem]) -
                 problems.append(Problem(name, row, f"duplicate patient_id (also row {j})", pid))
             bad[i] = bad[j - 1] = True
         first_row.setdefault(pid, row)
-        if is_blank(text):
+        if is_blank(text) and reports_required:
             shown = _text(text)
             problems.append(Problem(name, row, "report is empty" + (f" ({shown!r} is not a report)" if shown else ""),
                                     pid))
             bad[i] = True
-        if has_split and splits[i] not in SPLITS:
+        if has_split and splits[i] not in SPLITS and (reports_required or splits[i]):
             shown = splits[i] or "(empty)"
             problems.append(Problem(name, row, f"split {shown!r} is not one of {', '.join(SPLITS)}", pid))
             bad[i] = True
     if has_split:
         out["split"] = splits
-    out["report"] = [_text(t) for t in df.report]
+    out["report"] = ["" if is_blank(t) else _text(t) for t in df.report] if not reports_required else \
+        [_text(t) for t in df.report]
     out["_bad"] = bad
     return out
 
 
 def validate_cohort(root: str | Path, check_images: str = "decode", workers: int = 4, progress: bool = False,
                     split_fractions=DEFAULT_FRACTIONS, seed: int = 0, drop_invalid: bool = False,
-                    labels: LabelOptions | None = None,
-                    require_splits: bool = True) -> tuple[Cohort | None, list[Problem]]:
+                    labels: LabelOptions | None = None, require_splits: bool = True,
+                    reports_required: bool = True) -> tuple[Cohort | None, list[Problem]]:
     """Load and validate a cohort folder; returns (cohort or None, problems). ``require_splits=False`` accepts a
     split left empty (a benchmark or a feature export needs no val or test; training and evaluation do).
+
+    ``reports_required=False`` is the contract of a cohort to *apply* a model to (``emclip.api``, ``predict``,
+    ``embed``): ``images.csv`` alone is enough; a ``reports.csv`` beside it may leave reports, diagnoses and splits
+    empty, and no split is drawn (patients without a split column have split ``""``). Everything about the images
+    (``nm_per_pixel``, paths, files) is checked exactly as for training.
 
     Patients without a ``diagnosis`` get one from their report as ``labels`` says (default: the ``renal`` report
     labeler; see :mod:`emclip.data.diagnoses`), before the splits are stratified by it."""
@@ -375,6 +389,11 @@ def validate_cohort(root: str | Path, check_images: str = "decode", workers: int
         return None, [Problem(str(root), None, "cohort folder does not exist")]
     images, img_name = _read_table(root, "images", problems)
     reports, rep_name = _read_table(root, "reports", problems)
+    if reports is None and not reports_required and not any(p.file == rep_name and "missing table" not in p.message
+                                                            for p in problems):
+        problems[:] = [p for p in problems if p.file != rep_name]   # no reports.csv: an images-only cohort
+        if images is not None and "patient_id" in images.columns:
+            reports = _reports_from_images(images)
     for df, name, required in ((images, img_name, IMAGE_COLUMNS), (reports, rep_name, REPORT_COLUMNS)):
         if df is not None:
             missing = [c for c in required if c not in df.columns]
@@ -384,7 +403,7 @@ def validate_cohort(root: str | Path, check_images: str = "decode", workers: int
     if problems:   # table-level problems: row checks would only repeat them
         return None, problems
     images = _check_images_table(images, img_name, root, problems)
-    reports = _check_reports_table(reports, rep_name, problems)
+    reports = _check_reports_table(reports, rep_name, problems, reports_required)
     labels_table = read_labels_file(labels.labels_file, problems) if labels.labels_file is not None else None
     known = set(reports.patient_id[reports.patient_id != ""])
     for idx, row in images[~images.patient_id.isin(known) & (images.patient_id != "")].iterrows():
@@ -420,10 +439,15 @@ def validate_cohort(root: str | Path, check_images: str = "decode", workers: int
     keep_images = images[~images._bad & images.patient_id.isin(set(keep_reports.patient_id))]
     if keep_reports.empty:
         return None, problems + [Problem(rep_name, None, "no valid patient left after dropping invalid rows")]
+    unsplit = not reports_required and "split" not in keep_reports.columns
+    if unsplit:
+        keep_reports = keep_reports.assign(split="")   # nothing to train or select on: no split is drawn
     cohort = _build(root, keep_images, keep_reports, split_fractions, seed, labels, labels_table, progress)
+    if unsplit:
+        cohort.split_source = "none"
     cohort, leaks, small = _check_built(cohort, img_name, rep_name, drop_invalid)
     cohort.image_warnings = image_warnings
-    small = small if require_splits else []
+    small = small if require_splits and reports_required else []
     problems += leaks + small
     if small or (leaks and not drop_invalid):
         return None, problems
@@ -466,10 +490,12 @@ def _build(root: Path, images: pd.DataFrame, reports: pd.DataFrame, fractions, s
 
 def load_cohort(root: str | Path, check_images: str = "exists", workers: int = 4, progress: bool = False,
                 split_fractions=DEFAULT_FRACTIONS, seed: int = 0, drop_invalid: bool = False,
-                labels: LabelOptions | None = None, require_splits: bool = True) -> Cohort:
-    """Load a cohort, raising :class:`CohortError` listing every problem (unless ``drop_invalid``)."""
+                labels: LabelOptions | None = None, require_splits: bool = True,
+                reports_required: bool = True) -> Cohort:
+    """Load a cohort, raising :class:`CohortError` listing every problem (unless ``drop_invalid``).
+    ``reports_required=False``: images alone are enough (see :func:`validate_cohort`)."""
     cohort, problems = validate_cohort(root, check_images, workers, progress, split_fractions, seed, drop_invalid,
-                                       labels, require_splits)
+                                       labels, require_splits, reports_required)
     if cohort is None:
         raise CohortError(Path(root), problems)
     return cohort

@@ -167,8 +167,13 @@ def assign_diagnoses(reports: pd.DataFrame, options: LabelOptions, labels_table:
             else:
                 note[i] = f"not in labels file {Path(options.labels_file).name}"
     elif todo and options.vocab:
-        table = label_texts([str(reports.report.iloc[i]) for i in todo], options.vocab, options.cache_dir, progress)
-        for i, (d, v, where) in zip(todo, zip(table.primary, table.value, table["where"])):
+        without = [i for i in todo if is_blank(reports.report.iloc[i])]   # a cohort to apply a model to may lack them
+        for i in without:
+            note[i] = "no diagnosis given and no report to label"
+        texts = [i for i in todo if not is_blank(reports.report.iloc[i])]
+        table = label_texts([str(reports.report.iloc[i]) for i in texts], options.vocab, options.cache_dir,
+                            progress) if texts else pd.DataFrame({"primary": [], "value": [], "where": []})
+        for i, (d, v, where) in zip(texts, zip(table.primary, table.value, table["where"])):
             derived[i] = (d, v, f"{options.vocab} labeler, {where}" if where else f"{options.vocab} labeler")
     elif todo:
         for i in todo:

@@ -138,14 +138,15 @@ def default_device() -> torch.device:
 
 @torch.no_grad()
 def embed_cohort(model, loader, device: str | torch.device | None = None, split: str | dict | None = None,
-                 meta: dict | None = None) -> Embeddings:
+                 meta: dict | None = None, reports: bool = True) -> Embeddings:
     """Run ``model`` in eval mode without gradients over ``loader`` and collect an :class:`Embeddings`.
 
     Batches follow the data contract: ``images`` [B,K,C,H,W] or ``features`` [B,K,F], ``scales`` [B,K], ``mask`` [B,K]
     (True = real image), ``reports``, ``patient_ids``, ``diagnoses``, ``image_paths`` (real images only, in bag
     order). The split of each patient comes from a ``split`` list in the batch when present, else from ``split``
     (one name for the whole loader, or a patient id -> split mapping). Batches go to ``device``, by default the
-    model's own. The model's train/eval mode is restored.
+    model's own. The model's train/eval mode is restored. ``reports=False`` leaves the text tower out (a cohort
+    without reports): report embeddings are NaN.
     """
     device = next(model.parameters()).device if device is None else torch.device(device)   # default: the model's
     was_training = model.training
@@ -158,7 +159,8 @@ def embed_cohort(model, loader, device: str | torch.device | None = None, split:
             batch = _to_device(batch, device)
             mask = batch['mask'].bool()
             bags = model.encode_bags(batch['scales'], mask, images=batch.get('images'), features=batch.get('features'))
-            reports = model.encode_text(list(batch['reports']))
+            texts = model.encode_text(list(batch['reports'])) if reports else \
+                torch.full_like(bags.patient, float('nan'))
             pids = list(batch['patient_ids'])
             for b, pid in enumerate(pids):
                 real = mask[b]
@@ -183,7 +185,7 @@ def embed_cohort(model, loader, device: str | torch.device | None = None, split:
             else:
                 cols['split'].extend([split] * len(pids))
             cols['patient'].append(bags.patient.float().cpu())
-            cols['report'].append(reports.float().cpu())
+            cols['report'].append(texts.float().cpu())
             cols['image'].append(bags.instances[mask].float().cpu())
             cols['scale'].append(batch['scales'][mask].float().cpu())
             cols['attn'].append(attention[mask].float().cpu())

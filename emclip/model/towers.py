@@ -159,16 +159,31 @@ def _uses_offline(cfg: dict) -> bool:
     return any(str(r).startswith(OFFLINE_PREFIX) for r in refs if r)
 
 
+def build_tokenizer(cfg: dict) -> Callable:
+    """The text tokenizer of a model config (open_clip's for a named model; else the Hugging Face tokenizer its
+    ``text_cfg`` names, or open_clip's BPE tokenizer), without building any tower."""
+    import open_clip
+    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+
+    if 'open_clip' in cfg:
+        return open_clip.get_tokenizer(cfg['open_clip']['model_name'])
+    text_cfg = cfg.get('text_cfg', {})
+    context_length = text_cfg.get('context_length', 77)
+    if text_cfg.get('hf_tokenizer_name'):
+        with hub_offline() if _uses_offline(cfg) else contextlib.nullcontext(), quiet_transformers():
+            return HFTokenizer(resolve_weights(text_cfg['hf_tokenizer_name']), context_length=context_length)
+    return SimpleTokenizer(context_length=context_length)
+
+
 def _build_clip(cfg: dict):
     """Instantiate the open_clip model and its tokenizer; returns (clip, tokenizer, preprocess, name, weights)."""
     import open_clip
-    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
     if 'open_clip' in cfg:
         oc = cfg['open_clip']
         name, pretrained = oc['model_name'], oc.get('pretrained')
         clip = open_clip.create_model(name, pretrained=pretrained, **oc.get('kwargs', {}))
-        tokenizer = open_clip.get_tokenizer(name)
+        tokenizer = build_tokenizer(cfg)
         pp = open_clip.get_model_preprocess_cfg(clip)
         size = pp['size'] if isinstance(pp['size'], int) else pp['size'][0]
         preprocess = dict(image_size=int(size), mean=tuple(pp['mean']), std=tuple(pp['std']))
@@ -187,11 +202,7 @@ def _build_clip(cfg: dict):
     if hf_name and load and Path(text_cfg['hf_model_name']).is_dir():
         check_hf_weights(clip.text.transformer, text_cfg['hf_model_name'])
 
-    context_length = text_cfg.get('context_length', 77)
-    if text_cfg.get('hf_tokenizer_name'):
-        tokenizer = HFTokenizer(resolve_weights(text_cfg['hf_tokenizer_name']), context_length=context_length)
-    else:
-        tokenizer = SimpleTokenizer(context_length=context_length)
+    tokenizer = build_tokenizer(cfg)
 
     weights = 'random'
     timm_name = vision_cfg.get('timm_model_name')

@@ -393,6 +393,25 @@ def write_manifest(folder: Path, records: list[dict], meta: dict) -> dict:
 
 
 @torch.no_grad()
+def trunk_features(model, paths: list[str], rows, transform: ImageTransform, batch_size: int = 64,
+                   num_workers: int = 0, intensity: str = "dtype", color: str = "gray", device=None,
+                   desc: str = "image features", progress: bool = True):
+    """Yield ``(rows, features [n, F] float32, zoom [n])`` for the images ``paths[rows]``, a batch at a time, in
+    row order: each batch's images are loaded in threads (``_ImageRows``) and go through the frozen trunk in eval
+    mode. The feature cache is built from it, and a model applied to a new cohort embeds through it."""
+    device = device if device is not None else next(model.parameters()).device
+    loader = DataLoader(_ImageRows(paths, list(rows), transform, intensity, color), batch_size=batch_size,
+                        num_workers=num_workers)
+    was_training = model.training
+    model.eval()
+    try:
+        for images, zoom, idx in tqdm(loader, desc=desc, unit="batch", disable=not progress or bars_disabled()):
+            yield idx.numpy(), model.encode_trunk(images.to(device)).float().cpu().numpy(), zoom.numpy()
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
 def _extract(model, cohort, folder, transform, rank, world, batch_size, num_workers, intensity, color, key,
              accelerator, log) -> None:
     """Rank ``rank`` writes its block of rows to its own two files, hashes them, and the shard records of all
@@ -403,21 +422,15 @@ def _extract(model, cohort, folder, transform, rank, world, batch_size, num_work
                                              device=device)).shape[-1])
     start_row, stop_row = shard_bounds(n, world, batch_size)[rank]
     feats, zooms = open_shard(folder, rank, stop_row - start_row, dim)
-    rows = list(range(start_row, stop_row))
-    loader = DataLoader(_ImageRows(list(cohort.images.path), rows, transform, intensity, color),
-                        batch_size=batch_size, num_workers=num_workers)
-    was_training = model.training
-    model.eval()
     start = time.perf_counter()
-    for images, zoom, idx in tqdm(loader, desc=f"feature cache [{rank}/{world}]", unit="batch",
-                                  disable=rank != 0 or bars_disabled()):
-        local = idx.numpy() - start_row
-        feats[local] = model.encode_trunk(images.to(device)).float().cpu().numpy()
-        zooms[local] = zoom.numpy()
+    for idx, features, zoom in trunk_features(model, list(cohort.images.path), range(start_row, stop_row), transform,
+                                              batch_size, num_workers, intensity, color, device,
+                                              desc=f"feature cache [{rank}/{world}]", progress=rank == 0):
+        feats[idx - start_row] = features
+        zooms[idx - start_row] = zoom
     feats.flush()
     zooms.flush()
     elapsed = time.perf_counter() - start
-    model.train(was_training)
     del feats, zooms
     records = all_gather_objects(accelerator, seal_shard(folder, rank, start_row, stop_row, elapsed))
     if accelerator is None or accelerator.is_local_main_process:

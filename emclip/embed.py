@@ -1,0 +1,50 @@
+"""Patient and image embeddings of a cohort, written as an index that ``python -m emclip.search`` reads.
+
+    python -m emclip.embed MODEL COHORT --out DIR
+
+DIR gets ``patients.parquet`` (one row per patient: id, split, diagnosis, images, nm/px range, most attended image,
+embedding), ``images.parquet`` (one row per image: patient, path, nm/px as given and as the model saw it, attention
+weight, embedding) and ``index.json`` (the model, the cohort, counts); schema: docs/embeddings_schema.md. The cohort
+is embedded a chunk of patients at a time, so 600,000 images never sit in memory twice; a run's frozen-trunk
+feature cache is reused when it matches the cohort.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from .serving.cli import COHORT_HELP, MODEL_HELP, add_device, check_output, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m emclip.embed", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("model", help=MODEL_HELP)
+    parser.add_argument("cohort", help=COHORT_HELP)
+    parser.add_argument("--out", required=True, help="the index folder to write (refused if it exists, unless "
+                                                     "--force replaces an index written before)")
+    parser.add_argument("--force", action="store_true", help="replace an index already at --out")
+    add_device(parser)
+    args = parser.parse_args(argv)
+
+    from .api import load
+    from .serving.index import IndexWriter
+    out = check_output(args.out, args.force, {"cohort": args.cohort, "model": args.model}, kind="folder")
+    trained = load(args.model, device=args.device)
+    cohort = trained.load_cohort(args.cohort)
+    given = dict(zip(cohort.images.path, cohort.images.nm_per_pixel))
+    meta = {"model": str(trained.source), "model_identity": trained.identity, "cohort": str(cohort.root),
+            "scale_range_nm": trained.scale_range_nm}
+    with IndexWriter(out, meta, force=args.force) as writer:
+        for emb in trained.iter_embeddings(cohort, args.batch_size):
+            writer.add(emb, {"nm_per_pixel": np.array([given[p] for p in emb.image_paths], dtype=np.float64)})
+    print(f"{len(cohort.reports)} patients, {len(cohort.images)} images -> {out}")
+    print(f'search it: python -m emclip.search {out} "a text query" -k 10')
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

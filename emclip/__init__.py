@@ -16,7 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
-_API = ("create_model_and_transforms", "get_tokenizer", "load", "search", "TrainedModel", "ScaleRangeWarning")
+_API = ("create_model_and_transforms", "get_tokenizer", "load", "TrainedModel", "ScaleRangeWarning")
 __all__ = ["__version__", *_API]
 
 

@@ -36,7 +36,7 @@ from .model.towers import DEFAULT_MODEL, build_tokenizer, load_model_config
 from .paths import resolve
 from .progress import bars_disabled
 
-__all__ = ["create_model_and_transforms", "get_tokenizer", "load", "search", "TrainedModel", "ScaleRangeWarning",
+__all__ = ["create_model_and_transforms", "get_tokenizer", "load", "search_index", "TrainedModel", "ScaleRangeWarning",
            "CHUNK_IMAGES"]
 
 CHUNK_IMAGES = 8192   # images whose trunk features are held at once while a cohort is embedded (~40 MB at F=1280)
@@ -322,8 +322,9 @@ class TrainedModel:
 
         >>> trained.predict("new_patients").head()
         """
+        prompts = self._prompts(classes)   # a bad class file fails before any image is read
         emb = cohort if isinstance(cohort, Embeddings) else self.embed(cohort, batch_size, progress)
-        zs = self.zero_shot(emb, classes)
+        zs = self.zero_shot(emb, prompts)
         table = pd.DataFrame({"patient_id": emb.patient_ids})
         if (emb.diagnosis != "").any():
             table["diagnosis"] = emb.diagnosis
@@ -353,7 +354,7 @@ class TrainedModel:
 
         >>> trained.search("index/", text="amyloid fibrils 8-12 nm", k=5)
         """
-        return search(index, text=text, patient=patient, image=image, nm_per_pixel=nm_per_pixel, k=k, level=level,
+        return search_index(index, text=text, patient=patient, image=image, nm_per_pixel=nm_per_pixel, k=k, level=level,
                       split=split, model=self)
 
     def evaluate(self, cohort: str | Path | None = None, out: str | Path | None = None, **kwargs) -> dict:
@@ -394,7 +395,7 @@ class TrainedModel:
                                   train_config=self.config.to_dict(), card=card, force=force)
 
 
-def search(index, text: str | None = None, patient: str | None = None, image: str | Path | None = None,
+def search_index(index, text: str | None = None, patient: str | None = None, image: str | Path | None = None,
            nm_per_pixel: float | None = None, k: int = 10, level: str | None = None, split: str | None = None,
            model: TrainedModel | None = None) -> pd.DataFrame:
     """:meth:`TrainedModel.search`; a ``patient`` or an indexed ``image`` query needs no model (its vector is in

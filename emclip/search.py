@@ -40,14 +40,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import pandas as pd
 
-    from .api import load, search
+    from .api import load, search_index
     from .paths import write_text_atomic
     from .serving.cli import check_output
     from .serving.index import EmbeddingIndex
     index = EmbeddingIndex.load(args.index)
     needs_model = args.text is not None or args.nm_per_pixel is not None
     model = load(args.model or index.meta["model"], device=args.device) if needs_model else None
-    hits = search(index, text=args.text, patient=args.patient, image=args.image, nm_per_pixel=args.nm_per_pixel,
+    hits = search_index(index, text=args.text, patient=args.patient, image=args.image, nm_per_pixel=args.nm_per_pixel,
                   k=args.k, level=args.level, split=args.split, model=model)
     with pd.option_context("display.max_colwidth", 60, "display.width", 160):
         print(hits.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

@@ -330,6 +330,23 @@ def test_a_failure_mid_write_leaves_no_folder_and_the_old_one_intact(exports, tm
     verify_model_folder(old)
 
 
+def test_an_export_that_does_not_reproduce_the_model_is_not_written(exports, tmp_path, monkeypatch):
+    """The writer reads its folder back before publishing it: a config that builds another function (here another
+    text pooling, same weights) is caught."""
+    model = exports['tiny-hf-text'][0]
+    portable = modelfolder.portable_config
+
+    def other_pooling(config):
+        cfg, sources, files = portable(config)
+        cfg['text_cfg']['hf_pooler_type'] = 'cls_last_hidden_state_pooler'
+        return cfg, sources, files
+
+    monkeypatch.setattr(modelfolder, 'portable_config', other_pooling)
+    with pytest.raises(ModelFolderError, match=r'does not reproduce the model: text embeddings differ'):
+        write_model_folder(model, tmp_path / 'x', prompts=PROMPTS)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_arguments_are_refused(exports, tmp_path):
     model = exports['tiny-frozen'][0]
     with pytest.raises(ModelFolderError, match=r'scale_range_nm must satisfy'):

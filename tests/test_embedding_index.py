@@ -240,6 +240,9 @@ def test_unknown_ids_and_bad_queries_are_named(index):
     with pytest.raises(EmbeddingIndexError, match=r"unknown image path 'elsewhere/P0001/img_0.tif'.*"
                                                   r"did you mean 'cohort/P0001/img_0.tif'"):
         index.image_vector('elsewhere/P0001/img_0.tif')
+    with pytest.raises(EmbeddingIndexError, match=r"'/data/cohort/P0002/img_1.tif'; did you mean "
+                                                  r"'cohort/P0002/img_1.tif'\?$"):
+        index.similar_images('/data/cohort/P0002/img_1.tif')  # the same file under another root
     with pytest.raises(EmbeddingIndexError, match=r"unknown patient id 'nobody'"):
         index.search(np.ones(DIM), exclude_patients=['nobody'])
     with pytest.raises(EmbeddingIndexError, match=r"no patient in split 'tset' \(splits: 'test', 'train', 'val'\)"):
@@ -262,6 +265,8 @@ def test_an_empty_index_loads_and_every_search_says_so(tmp_path):
     for level in ('patient', 'image'):
         with pytest.raises(EmbeddingIndexError, match='the index is empty'):
             index.search(np.ones(index.embed_dim or 1), level=level)
+    with pytest.raises(EmbeddingIndexError, match=r"unknown patient id 'P0001'; .*\(the index is empty\)"):
+        index.similar_patients('P0001')
 
 
 def test_duplicate_patient_across_chunks_fails_and_leaves_nothing(chunks, tmp_path):

@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import __version__
 from ..digests import file_sha256
 from ..evaluation.embeddings import Embeddings
 from ..paths import atomic_directory
@@ -39,6 +40,7 @@ PATIENTS_FILE, IMAGES_FILE, MANIFEST_FILE = 'patients.parquet', 'images.parquet'
 CHUNK_ROWS = 65_536  # gallery rows scored at once
 _MAX_SCORES = 1 << 24  # floats in one block of scores (64 MB): bounds the queries scored together
 _NORM_TOLERANCE = 1e-3
+_SUGGEST_MAX = 50_000  # names difflib compares an unknown id or path with (about 1 s)
 
 _PATIENT_FIELDS = [('patient_id', pa.string()), ('split', pa.string()), ('diagnosis', pa.string()),
                    ('diagnosis_source', pa.string()), ('n_images', pa.int32()),
@@ -268,7 +270,6 @@ class IndexWriter:
         self._close_writers()
         files = {name: dict(bytes=(self._tmp / name).stat().st_size, sha256=file_sha256(self._tmp / name))
                  for name in (PATIENTS_FILE, IMAGES_FILE)}
-        from emclip import __version__
         manifest = dict(format=INDEX_FORMAT, version=INDEX_VERSION, emclip_version=__version__,
                         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds'),
                         embed_dim=self._dim, counts=self._counts,
@@ -341,10 +342,17 @@ def top_k(queries: np.ndarray, vectors: np.ndarray, k: int, allowed: np.ndarray 
     return scores_out, rows_out
 
 
+def _did_you_mean(names) -> str:
+    return f'; did you mean {", ".join(map(repr, names))}?'
+
+
 def _suggestion(name: str, known, what: str) -> str:
-    """' (did you mean ...?)' from the closest known names, '' when none is close."""
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-    return f'; did you mean {", ".join(map(repr, close))}?' if close else f'; no {what} with a similar name'
+    """'; did you mean ...?' from the closest of ``known`` (difflib), or what to check when none is close. difflib
+    compares with every name: beyond _SUGGEST_MAX names it would take seconds, so it is skipped."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6) if len(known) <= _SUGGEST_MAX else []
+    if close:
+        return _did_you_mean(close)
+    return f'; no {what} with a similar name ' + (f'(e.g. {known[0]!r})' if len(known) else '(the index is empty)')
 
 
 class EmbeddingIndex:
@@ -370,7 +378,6 @@ class EmbeddingIndex:
         self.image_vectors = image_vectors
         counts = patients['n_images'].to_numpy(np.int64)
         self._image_owner = np.repeat(np.arange(len(patients)), counts)
-        self._image_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._patient_index = pd.Index(patients['patient_id'].to_numpy(object))
         self._path_index: pd.Index | None = None  # built at the first lookup by path
 
@@ -444,7 +451,7 @@ class EmbeddingIndex:
         row = self._patient_index.get_indexer([pid])[0]
         if row < 0:
             raise EmbeddingIndexError(f'{self.root}: unknown patient id {pid!r}'
-                                      + _suggestion(pid, self._patient_index, 'patient id'))
+                                      + _suggestion(pid, self._patient_index.tolist(), 'patient id'))
         return int(row)
 
     def _image_row(self, path) -> int:
@@ -461,14 +468,18 @@ class EmbeddingIndex:
         return int(rows[0])
 
     def _path_suggestion(self, path: str) -> str:
-        # the same file name in another folder is the likeliest slip (a relative vs an absolute path); difflib over
-        # every path otherwise
-        name = Path(path).name
+        # the likeliest slip is the same file under another root (an absolute vs a relative path): suggest the
+        # stored paths that end with the longest tail of the given one; else the closest names in its folder
         paths = self.images['path']
-        same_name = paths[paths.str.rsplit('/', n=1).str[-1] == name].head(3).tolist() if name else []
-        if same_name:
-            return f'; did you mean {", ".join(map(repr, same_name))}?'
-        return _suggestion(path, paths.tolist(), 'image path')
+        parts = [p for p in path.replace('\\', '/').split('/') if p]
+        for n in range(len(parts), 0, -1):
+            tail = '/'.join(parts[-n:])
+            same = paths[(paths == tail) | paths.str.endswith('/' + tail)]
+            if len(same):
+                return _did_you_mean(same.head(3))
+        folder = '/'.join(path.replace('\\', '/').split('/')[:-1])
+        nearby = paths[paths.str.startswith(folder + '/')] if folder else paths.iloc[:0]
+        return _suggestion(path, (nearby if len(nearby) else paths).tolist(), 'image path')
 
     def patient_vector(self, patient_id) -> np.ndarray:
         """The [E] embedding of a patient (read-only)."""

@@ -388,11 +388,28 @@ class TrainedModel:
         from .train.runinfo import load_run_cohort
         metrics_path = self.source / "eval" / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+        cohort = load_run_cohort(self.config)
         card = {"name": self.source.name, "source": f"run {self.source.name} ({self.info.get('checkpoint')} "
                                                     f"checkpoint)",
-                "training_cohort": load_run_cohort(self.config).summary(), "metrics": metrics}
+                "training_cohort": cohort.summary(), "metrics": metrics, "synthetic": _is_synthetic(cohort)}
+        # a folder meant to be shared names no local path: only the last part of each is kept
+        train_config = {k: (Path(v).name if k in _LOCAL_PATHS and isinstance(v, str) else v)
+                        for k, v in self.config.to_dict().items()}
         return write_model_folder(self.model, resolve(out), prompts=self.prompts, scale_range_nm=self.scale_range_nm,
-                                  train_config=self.config.to_dict(), card=card, force=force)
+                                  train_config=train_config, card=card, force=force)
+
+
+_LOCAL_PATHS = ("data_dir", "run_dir", "cache_dir", "labels_file")
+
+
+def _is_synthetic(cohort: Cohort) -> bool:
+    """True when the cohort's images were written by emclip's generator (it signs every TIFF it writes)."""
+    import tifffile
+    try:
+        with tifffile.TiffFile(cohort.images.path.iloc[0]) as tif:
+            return tif.pages[0].software == "emclip"
+    except Exception:  # noqa: BLE001 - not a TIFF, or unreadable: not ours
+        return False
 
 
 def search_index(index, text: str | None = None, patient: str | None = None, image: str | Path | None = None,

@@ -32,6 +32,7 @@ BENCHMARKS = {
     'retrieval': dict(),   # 555 queries per round x 3 rounds, extrapolated to 15,000; --full runs all
     'distributed': dict(),
     'scale': dict(),   # the rehearsal at 1/20 size (750 patients, 30,000 images); --full: 15,000 / 600,000
+    'search': dict(),  # one text query over 600,000 image embeddings after the index is loaded; peak memory
 }
 
 # --smoke: the same code paths on the tiny random model and toy sizes, in about a minute (tests, CI)
@@ -44,6 +45,7 @@ SMOKE = {
     'retrieval': dict(n_patients=40, per_patient=5, queries=10, dim=16),
     'distributed': dict(config='tiny', rounds=1),
     'scale': dict(n_patients=40, model='tiny', batch_size=4, rounds=1, n_boot=10, processes=[1]),
+    'search': dict(n_patients=200, per_patient=5, dim=32, chunk_patients=64, rounds=3, load_rounds=1),
 }
 
 CHILD = """

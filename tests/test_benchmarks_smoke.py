@@ -71,7 +71,7 @@ def test_run_all_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / 'benchmarks.json').read_text())
     names = [r['name'] for r in report['results']]
-    assert names == ['batching', 'cache', 'overhead', 'loader', 'retrieval', 'distributed', 'scale']
+    assert names == ['batching', 'cache', 'overhead', 'loader', 'retrieval', 'distributed', 'scale', 'search']
     assert all('error' not in r and r['ratios'] for r in report['results'])
     assert report['machine']['cores'] >= 1 and report['machine']['torch'] == torch.__version__
     batching = report['results'][0]

@@ -139,9 +139,9 @@ def training_scale_range(run: Path, cohort: Cohort, model: EMClip) -> tuple[floa
     """The effective nm/px (given x zoom) of the run's train-split images: what the scale embedding was fitted on.
     Read from the run's evaluated ``embeddings.npz`` when there is one, else from the image headers."""
     path = Path(run) / "embeddings.npz"
-    if path.is_file():
-        emb = Embeddings.load(path)
-        scales = emb.image_scales[(emb.split == "train")[emb.image_patient]]
+    if path.is_file():   # three arrays of the .npz are read, not its embeddings
+        with np.load(path, allow_pickle=False) as stored:
+            scales = stored["image_scales"][(stored["split"] == "train")[stored["image_patient"]]]
     else:
         from .data.images import probe_image
         transform = ImageTransform.from_preprocess(model.preprocess)

@@ -167,6 +167,21 @@ def test_nothing_is_written_into_the_external_cohort(validated):
 
 
 @pytest.mark.slow
+def test_diagnoses_missing_from_the_cohort_come_from_the_runs_labeler(validated, tmp_path):
+    hospital = generate_cohort(tmp_path / "archive", n_patients=12, seed=12, image_size=48, workers=1,
+                               progress=False, with_diagnosis=False)
+    before = _snapshot(hospital)
+    m = evaluate_run(validated.run, n_boot=20, topj=CI.topj, data_dir=hospital, figures=False, log=print)
+    n_patients, n_in_classes = _classes_of(m, hospital, _run_config(validated.run))
+    sources = m["external"]["labels"]["sources"]
+    assert m["n_patients"] == n_patients == 12 and sources["given"] == 0 and sources["labeler"] >= 6
+    assert m["external"]["labels"]["labeler"] == "report labeler (renal)"
+    assert m["zero_shot"]["patient"]["n"] == n_in_classes == sources["labeler"] - m["labels"][
+        "n_diagnosis_not_in_classes"]
+    assert _snapshot(hospital) == before          # the labels cache lives in the run's cache_dir
+
+
+@pytest.mark.slow
 def test_a_changed_external_cohort_is_evaluated_again(validated, tmp_path):
     hospital = Path(shutil.copytree(validated.hospital, tmp_path / "hospital_c"))
     first = evaluate_run(validated.run, n_boot=20, topj=CI.topj, data_dir=hospital, figures=False, log=print)

@@ -213,7 +213,9 @@ def evaluate(embeddings: Embeddings | str | Path, encode_text: Callable[[list[st
         out_dir: output folder (created).
         classes: zero-shot classes: a PromptSet, a prompt YAML path or bundled name (e.g. ``'renal_em'``), a list of
             class names, or None to use the cohort's distinct diagnosis values with generic templates.
-        split: the split evaluated (None = all patients); the linear probe always trains on train/val.
+        split: the split evaluated (None = all patients; ``'external'``: another cohort's patients, placed beside
+            the run's own train/val patients by ``evaluation.external``); the linear probe always trains on
+            train/val.
         topj: j values of the MI-Zero image-level baseline (mean of each patient's top-j image scores).
         max_image_queries: image->image queries are a seeded sample of this many labelled images (None = all).
         pairs: confusable pairs (a, b) scored within the pair (``zero_shot.pairs``); None = the embedded cohort's

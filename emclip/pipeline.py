@@ -6,7 +6,8 @@ own code and the tests import it from; the names the former ``pipeline.py`` defi
 
 * parameter sets: ``emclip.paramsets``; notebook parameter check: ``emclip.notebook_params``
 * a trained run's checkpoint, model, embeddings: ``emclip.evaluation.runs``
-* its evaluation, reused while nothing it depends on changed: ``emclip.evaluation.cached``
+* its evaluation, reused while nothing it depends on changed: ``emclip.evaluation.cached``; on another cohort:
+  ``emclip.evaluation.external``
 * training curves from ``metrics_log.csv``: ``emclip.train.curves``
 * report tables and sentences: ``emclip.summary``; executing notebooks and HTML: ``emclip.reports``
 * running 01 -> 05 in order: ``emclip.run_notebooks``
@@ -14,6 +15,7 @@ own code and the tests import it from; the names the former ``pipeline.py`` defi
 from pathlib import Path  # noqa: F401 - notebooks build their report folder with pipeline.Path
 
 from .evaluation.cached import evaluate_run, evaluation_key, key_changes  # noqa: F401
+from .evaluation.external import external_folder  # noqa: F401
 from .evaluation.runs import embed_run, load_run_model, run_checkpoint, supervised_bound  # noqa: F401
 from .notebook_params import check_parameters  # noqa: F401
 from .paramsets import DEFAULT_PARAMS, load_params, params_name, report_dir, train_config  # noqa: F401

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = ['LEGEND', 'fmt', 'fmt_ci', 'headline_table', 'scale_table', 'conclusion', 'zero_shot_table', 'pair_table',
-           'per_class_auc', 'retrieval_table', 'probe_table', 'legend', 'label_sentence']
+           'per_class_auc', 'retrieval_table', 'probe_table', 'legend', 'label_sentence', 'external_table',
+           'evaluated_patients']
 
 # Column name -> what it means; shown under tables so that no reader needs the schema.
 LEGEND = {
@@ -20,6 +21,9 @@ LEGEND = {
     '95% CI': 'percentile bootstrap over patients (1,000 resamples unless stated)',
     'patients': 'labelled patients scored',
     'labels used': 'which labels the method saw: none, or train-split labels',
+    'external': "another cohort's patients, all scored; methods that learn from labels are fitted on the run's own "
+                'train (and val) patients only',
+    'external - internal': 'difference of the point estimates; R@k also depends on the gallery size (patients)',
 }
 
 
@@ -115,6 +119,11 @@ def _row(method: str, labels: str, bal=None, auc=None, n=None, bal_ci: str = '',
             'ROC-AUC': fmt(auc), 'ROC-AUC 95% CI': auc_ci, 'patients': '' if n is None else str(int(n))}
 
 
+_PRIOR_NAMES = {'mean_logprob': 'zero-shot, prior-corrected (mean log-probability)',
+                'ot_uniform': 'zero-shot, prior-corrected (optimal transport to uniform)',
+                'ot_train_prior': 'zero-shot, prior-corrected (optimal transport to train prior)'}
+
+
 def headline_table(metrics: dict) -> pd.DataFrame:
     """Zero-shot (raw, prior-corrected, prompt spread) beside the probe and the supervised bounds, one row each."""
     rows = []
@@ -124,10 +133,7 @@ def headline_table(metrics: dict) -> pd.DataFrame:
         rows.append(_row('zero-shot (prompt ensemble)', 'none', p['balanced_accuracy']['value'],
                          p['roc_auc_macro_ovr']['value'], p['n'], fmt_ci(p['balanced_accuracy']),
                          fmt_ci(p['roc_auc_macro_ovr'])))
-    names = {'mean_logprob': 'zero-shot, prior-corrected (mean log-probability)',
-             'ot_uniform': 'zero-shot, prior-corrected (optimal transport to uniform)',
-             'ot_train_prior': 'zero-shot, prior-corrected (optimal transport to train prior)'}
-    for key, name in names.items():
+    for key, name in _PRIOR_NAMES.items():
         b = zs.get('prior_corrected', {}).get(key)
         if b:
             rows.append(_row(name, 'train class frequencies' if key == 'ot_train_prior' else 'none',
@@ -162,6 +168,88 @@ def headline_table(metrics: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index('method') if rows else pd.DataFrame()
 
 
+def evaluated_patients(metrics: dict) -> str:
+    """Who an evaluation scored, for titles and sentences: ``test patients`` or ``patients of the external cohort
+    <name>``."""
+    ext = metrics.get('external')
+    if ext:
+        return f"patients of the external cohort {ext.get('name') or ext.get('data_dir')}"
+    return f"{metrics.get('split') or 'all'} patients"
+
+
+def _interval(block: dict | None, n=None) -> tuple | None:
+    return None if not block else (block.get('value'), fmt_ci(block), n)
+
+
+def _spread(block: dict | None, n=None) -> tuple | None:
+    return None if not block else (block.get('mean'), f'sd {fmt(block.get("sd"))}', n)
+
+
+def _comparable_scores(metrics: dict) -> dict:
+    """``(method, measure) -> (value, interval text, patients)`` of the methods an internal and an external
+    evaluation share, in reading order; a method an evaluation skipped is absent."""
+    out = {}
+    zs = metrics.get('zero_shot', {})
+    blocks = [('zero-shot (prompt ensemble)', zs.get('patient'))]
+    blocks += [(name, zs.get('prior_corrected', {}).get(key)) for key, name in _PRIOR_NAMES.items()]
+    for method, b in blocks:
+        if b and b.get('n'):
+            out[(method, 'balanced accuracy')] = _interval(b['balanced_accuracy'], b['n'])
+            out[(method, 'ROC-AUC')] = _interval(b['roc_auc_macro_ovr'], b['n'])
+    for k, b in metrics.get('bounds', {}).get('few_shot_probe', {}).get('shots', {}).items():
+        method = f'{k}-shot linear probe (mean of {len(b["per_seed"])} draws)'
+        # scored on every labelled evaluated patient, like the full probe
+        out[(method, 'balanced accuracy')] = _spread(b['balanced_accuracy'], metrics.get('n_labelled_patients'))
+        out[(method, 'ROC-AUC')] = _spread(b['roc_auc_macro_ovr'], metrics.get('n_labelled_patients'))
+    lp = metrics.get('linear_probe', {})
+    if 'test_balanced_accuracy' in lp:
+        method = f'linear probe, all train + val labels ({len(lp["per_seed"])} seeds)'
+        out[(method, 'balanced accuracy')] = _spread(lp['test_balanced_accuracy'], lp.get('n_test'))
+        out[(method, 'ROC-AUC')] = _spread(lp['test_roc_auc_macro_ovr'], lp.get('n_test'))
+    mil = metrics.get('bounds', {}).get('supervised_mil', {})
+    if 'balanced_accuracy' in mil:
+        method = 'supervised gated-attention MIL on the trunk features'
+        out[(method, 'balanced accuracy')] = _interval(mil['balanced_accuracy'], mil['n'])
+        out[(method, 'ROC-AUC')] = _interval(mil['roc_auc_macro_ovr'], mil['n'])
+    r2p = metrics.get('retrieval', {}).get('report_to_patient')
+    if r2p:
+        for k in ('1', '10'):
+            if k in r2p['recall']:
+                out[('report -> its patient', f'R@{k}')] = _interval(r2p['recall'][k], r2p['n_items'])
+    return out
+
+
+def external_table(internal: dict, external: dict) -> pd.DataFrame:
+    """The run's own test split and an external cohort side by side: one row per (method, measure) for zero-shot
+    (raw and prior-corrected), the few-shot and full linear probes, the supervised MIL bound and report -> patient
+    retrieval; per side the value (3 decimals), its 95% CI (or the sd over seeds of a probe) and the patients
+    scored (for retrieval: the gallery, so R@k of two galleries of different size are not alike), and the
+    difference external - internal. Both are ``metrics.json`` dictionaries (``evaluation.cached.evaluate_run``
+    without and with ``data_dir``)."""
+    if not external.get('external'):
+        raise ValueError('external_table: the second metrics are not an external evaluation (no "external" key); '
+                         'evaluate with evaluate_run(run, data_dir=...)')
+    left, right = _comparable_scores(internal), _comparable_scores(external)
+    sides = (f"internal {internal.get('split') or 'all'}", f"external: {external['external'].get('name')}")
+    rows = []
+    for key in list(left) + [k for k in right if k not in left]:
+        row = {('', 'method'): key[0], ('', 'measure'): key[1]}
+        values = []
+        for side, scores in zip(sides, (left, right)):
+            value, interval, n = scores.get(key) or (None, '', None)
+            row.update({(side, 'value'): fmt(value), (side, '95% CI'): interval,
+                        (side, 'patients'): '' if n is None else str(int(n))})
+            values.append(value)
+        diff = values[1] - values[0] if all(v is not None and np.isfinite(v) for v in values) else None
+        row[('external - internal', '')] = fmt(diff) if diff is None else f'{diff:+.3f}'
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows)
+    table.columns = pd.MultiIndex.from_tuples(table.columns)
+    return table.set_index([('', 'method'), ('', 'measure')]).rename_axis(['method', 'measure'])
+
+
 def scale_table(metrics: dict) -> pd.DataFrame:
     """One row per scale bin: images, patients, image-level zero-shot and image->image retrieval."""
     rows = []
@@ -174,16 +262,20 @@ def scale_table(metrics: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index('nm per pixel') if rows else pd.DataFrame()
 
 
-def conclusion(metrics: dict, html: bool = False) -> str:
-    """One paragraph from the numbers (point estimates with their 95% CIs), for the top or bottom of a report."""
-    split = metrics.get('split') or 'all'
+def conclusion(metrics: dict, html: bool = False, internal: dict | None = None) -> str:
+    """One paragraph from the numbers (point estimates with their 95% CIs), for the top or bottom of a report. An
+    external evaluation says so (and, given the ``internal`` test evaluation, how zero-shot compares with it)."""
+    ext = metrics.get('external')
+    who = evaluated_patients(metrics)
     zs = metrics.get('zero_shot', {}).get('patient')
     lab = metrics.get('labels', {})
     source = {'given': 'given diagnoses', 'labeler': 'diagnoses read from the reports by the labeler',
               'given+labeler': 'given and labeler-derived diagnoses'}.get(lab.get('source'), 'diagnoses')
     if not zs or not zs.get('n'):
-        return f'No labelled {split} patient could be scored ({source}); see the retrieval results.'
-    parts = [f'On {zs["n"]} labelled {split} patients ({source}), zero-shot diagnosis reached ROC-AUC '
+        return f'No labelled {who.replace("patients", "patient", 1)} could be scored ({source}); see the retrieval ' \
+               'results.'
+    parts = ['External validation: the trained model applied unchanged to another cohort.'] if ext else []
+    parts += [f'On {zs["n"]} labelled {who} ({source}), zero-shot diagnosis reached ROC-AUC '
              f'{fmt(zs["roc_auc_macro_ovr"]["value"])} {fmt_ci(zs["roc_auc_macro_ovr"])} and balanced accuracy '
              f'{fmt(zs["balanced_accuracy"]["value"])} {fmt_ci(zs["balanced_accuracy"])} '
              f'(chance {1 / max(len(metrics.get("classes", [])), 1):.2f}).']
@@ -206,11 +298,18 @@ def conclusion(metrics: dict, html: bool = False) -> str:
     if mil:
         sup.append(f'a supervised attention-MIL model on the trunk features {fmt(mil["value"])} {fmt_ci(mil)}')
     if sup:
-        parts.append('With labels, ' + ' and '.join(sup) + '.')
+        parts.append(("With the run's own train labels, " if ext else 'With labels, ') + ' and '.join(sup) + '.')
     r2p = metrics.get('retrieval', {}).get('report_to_patient', {}).get('recall', {}).get('1')
     if r2p:
         parts.append(f'A report finds its own patient first in {fmt(r2p["value"])} {fmt_ci(r2p)} of queries '
                      f'(R@1 among {metrics.get("n_patients")} patients).')
+    inside = (internal or {}).get('zero_shot', {}).get('patient')
+    if ext and inside and inside.get('n'):
+        here, there = zs['roc_auc_macro_ovr'], inside['roc_auc_macro_ovr']
+        gap = '' if here['value'] is None or there['value'] is None else \
+            f' ({here["value"] - there["value"]:+.3f} on the external cohort)'
+        parts.append(f'On the internal {internal.get("split") or "test"} split ({inside["n"]} patients) zero-shot '
+                     f'ROC-AUC was {fmt(there["value"])} {fmt_ci(there)}{gap}.')
     text = ' '.join(parts)
     return _html.escape(text) if html else text
 
@@ -220,9 +319,10 @@ def label_sentence(metrics: dict) -> str:
     lab = metrics.get("labels")
     if not lab:
         return "Diagnosis source not recorded (metrics.json written before schema version 2)."
-    src, split = lab["sources"], metrics.get("split") or "all"
+    src = lab["sources"]
     parts = [f"{src[k]} {k}" for k in ("given", "labeler") if src[k]]
-    text = f"**Diagnoses** of the {metrics['n_patients']} {split} patients: " + (", ".join(parts) or "none")
+    text = f"**Diagnoses** of the {metrics['n_patients']} {evaluated_patients(metrics)}: " + (", ".join(parts)
+                                                                                             or "none")
     if src["labeler"]:
         hedge = "hedged diagnoses counted" if lab.get("uncertain") == "positive" else "hedged diagnoses excluded"
         text += f" (from the {lab.get('labeler', 'report labeler')}; {hedge})"

@@ -29,7 +29,7 @@ from .probe import DEFAULT_CS, linear_probe
 from .retrieval import (
     image_image_retrieval, patient_report_retrieval, report_image_retrieval, summarize_retrieval)
 from .priors import mean_logprob_correction, ot_assignment, prompt_subsets, spread
-from .settings import DEFAULT_EVALUATION
+from .settings import DEFAULT_EVALUATION, EXTERNAL_SPLIT
 from .zeroshot import ensemble, resolve_prompts, softmax, text_embeddings, topj_pool, zero_shot_logits
 
 __all__ = ['evaluate', 'compare_runs', 'SCHEMA_VERSION', 'to_json_safe']
@@ -213,7 +213,9 @@ def evaluate(embeddings: Embeddings | str | Path, encode_text: Callable[[list[st
         out_dir: output folder (created).
         classes: zero-shot classes: a PromptSet, a prompt YAML path or bundled name (e.g. ``'renal_em'``), a list of
             class names, or None to use the cohort's distinct diagnosis values with generic templates.
-        split: the split evaluated (None = all patients); the linear probe always trains on train/val.
+        split: the split evaluated (None = all patients; ``'external'``: another cohort's patients, placed beside
+            the run's own train/val patients by ``evaluation.external``); the linear probe always trains on
+            train/val.
         topj: j values of the MI-Zero image-level baseline (mean of each patient's top-j image scores).
         max_image_queries: image->image queries are a seeded sample of this many labelled images (None = all).
         pairs: confusable pairs (a, b) scored within the pair (``zero_shot.pairs``); None = the embedded cohort's
@@ -288,8 +290,9 @@ def evaluate(embeddings: Embeddings | str | Path, encode_text: Callable[[list[st
             for s in ('train', 'val', split)}
     else:
         metrics['linear_probe'] = {'skipped': 'disabled'}
-    metrics['bounds'] = _bounds(emb_all, classes, split, shots, supervised, boot) if split in ('test',) else {
-        'skipped': f'supervised bounds train on train/val and are scored on test, not {split!r}'}
+    metrics['bounds'] = _bounds(emb_all, classes, split, shots, supervised, boot) if split in (
+        'test', EXTERNAL_SPLIT) else {
+        'skipped': f'supervised bounds train on train/val and are scored on test or an external cohort, not {split!r}'}
     metrics['comparisons'] = comparisons
 
     metrics['figures'] = _write_figures(emb, y, probs, metrics, tasks, out_dir, seed, n_attention_patients,

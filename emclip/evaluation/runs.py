@@ -24,7 +24,8 @@ from . import bounds
 from .embeddings import Embeddings, default_device, embed_cohort
 from .zeroshot import load_prompts, prompts_from_diagnoses
 
-__all__ = ["prompt_classes", "run_checkpoint", "load_run_model", "embed_run", "shard_patients", "supervised_bound"]
+__all__ = ["prompt_classes", "run_checkpoint", "load_run_model", "embed_run", "shard_patients", "supervised_bound",
+           "bag_features", "stored_bound"]
 
 
 def prompt_classes(cohort):
@@ -101,6 +102,32 @@ def embed_run(run_dir: str | Path, batch_size: int = 32, model=None, cfg: TrainC
     return None if parts is None else Embeddings.concat([p for p in parts if p is not None])
 
 
+def bag_features(cache, cohort, patient_ids) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each patient's cached trunk features (rows of ``cache``, which belongs to ``cohort``) and their physical
+    scales (nm/px times the cache's zoom), in ``patient_ids`` order: the inputs of ``bounds.supervised_mil``."""
+    feats, scales = [], []
+    nm_per_pixel = cohort.images.nm_per_pixel.to_numpy()
+    for pid in patient_ids:
+        rows = cohort.bag(str(pid)).index.to_numpy()
+        feats.append(np.asarray(cache.features[rows], dtype=np.float32))
+        zoom = 1.0 if cache.zoom is None else np.asarray(cache.zoom[rows])
+        scales.append(nm_per_pixel[rows] * zoom)
+    return feats, scales
+
+
+def stored_bound(cfg: TrainConfig, identity: list, compute) -> dict:
+    """``compute()``, kept in ``<cache_dir>/bounds/`` under a digest of ``identity`` (with the bounds code): the
+    supervised bound depends on features, labels and splits only, so every arm of an ablation shares it."""
+    key = hashlib.sha256(json.dumps(identity).encode() + Path(bounds.__file__).read_bytes())
+    out = cfg.cache_path / "bounds" / f"supervised_mil-{key.hexdigest()[:20]}.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    result = compute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, json.dumps(result))
+    return result
+
+
 def supervised_bound(model, cfg: TrainConfig, cohort, emb: Embeddings, classes: list[str], split: str = "test",
                      cache_key: str | None = None):
     """The supervised MIL upper bound (``evaluation.bounds.supervised_mil``) on the run's cached trunk features.
@@ -111,18 +138,9 @@ def supervised_bound(model, cfg: TrainConfig, cohort, emb: Embeddings, classes: 
         return {"skipped": "end-to-end run: no cached trunk features"}
     cache = build_feature_cache(model, cohort, cfg.cache_path, key=cache_key)
     y = np.array([classes.index(d) if d in classes else -1 for d in emb.diagnosis])
-    key = hashlib.sha256(json.dumps([cache.path.name, split, classes, emb.patient_ids.tolist(), y.tolist(),
-                                     emb.split.tolist()]).encode() + Path(bounds.__file__).read_bytes())
-    out = cfg.cache_path / "bounds" / f"supervised_mil-{key.hexdigest()[:20]}.json"
-    if out.is_file():
-        return json.loads(out.read_text())
-    feats, scales = [], []
-    for pid in emb.patient_ids:
-        rows = cohort.bag(str(pid)).index.to_numpy()
-        feats.append(np.asarray(cache.features[rows], dtype=np.float32))
-        zoom = 1.0 if cache.zoom is None else np.asarray(cache.zoom[rows])
-        scales.append(cohort.images.nm_per_pixel.to_numpy()[rows] * zoom)
-    result = bounds.supervised_mil(feats, scales, y, emb.split, len(classes), emb.patient_ids, test_split=split)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, json.dumps(result))
-    return result
+
+    def compute():
+        feats, scales = bag_features(cache, cohort, emb.patient_ids)
+        return bounds.supervised_mil(feats, scales, y, emb.split, len(classes), emb.patient_ids, test_split=split)
+    return stored_bound(cfg, [cache.path.name, split, classes, emb.patient_ids.tolist(), y.tolist(),
+                              emb.split.tolist()], compute)

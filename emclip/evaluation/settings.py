@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 SPLITS = ("test", "val", "train")
+# the split name an external cohort's patients get in an evaluation: all of them are scored, whatever their own split
+EXTERNAL_SPLIT = "external"
 
 
 @dataclass(frozen=True)

@@ -133,3 +133,25 @@ def test_an_index_is_searched_only_with_the_model_that_wrote_it(index, tmp_path,
 def torch_no_grad():
     import torch
     return torch.no_grad()
+
+
+@pytest.fixture(scope="module")
+def second_cohort(tmp_path_factory) -> Path:
+    from emclip.synthetic import generate_cohort
+    return generate_cohort(tmp_path_factory.mktemp("hospital_b") / "cohort", n_patients=12, seed=11, image_size=48,
+                           workers=1, progress=False)
+
+
+@pytest.mark.slow
+def test_the_api_evaluates_any_cohort_from_a_run_and_from_an_exported_folder(trained_run, exported, second_cohort,
+                                                                              tmp_path):
+    metrics = emclip.load(trained_run, device="cpu").evaluate(second_cohort, n_boot=20, figures=False,
+                                                              log=lambda *_: None)
+    assert metrics["external"]["n_patients"] == 12 and metrics["n_patients"] == 12
+    assert "mean" in json.dumps(metrics["linear_probe"])            # fitted on the run's own train split
+    folder = emclip.load(exported, device="cpu").evaluate(second_cohort, out=tmp_path / "eval", n_boot=20,
+                                                          figures=False)
+    assert folder["n_patients"] == 12 and "skipped" in folder["linear_probe"]
+    assert folder["zero_shot"]["patient"]["n"] == metrics["zero_shot"]["patient"]["n"]
+    raw = folder["zero_shot"]["patient"]["balanced_accuracy"]["value"]
+    assert raw == pytest.approx(metrics["zero_shot"]["patient"]["balanced_accuracy"]["value"], abs=1e-9)

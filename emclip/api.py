@@ -389,8 +389,7 @@ class TrainedModel:
         metrics_path = self.source / "eval" / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
         cohort = load_run_cohort(self.config)
-        card = {"name": self.source.name, "source": f"run {self.source.name} ({self.info.get('checkpoint')} "
-                                                    f"checkpoint)",
+        card = {"name": self.source.name, "source": f"{self.source.name} ({self.info.get('checkpoint')} checkpoint)",
                 "training_cohort": cohort.summary(), "metrics": metrics, "synthetic": _is_synthetic(cohort)}
         # a folder meant to be shared names no local path: only the last part of each is kept
         train_config = {k: (Path(v).name if k in _LOCAL_PATHS and isinstance(v, str) else v)

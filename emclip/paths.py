@@ -65,6 +65,12 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_directory(path: str | Path):
     """A temporary folder next to ``path`` to fill; when the block ends its files (subfolders included) are fsynced
@@ -75,12 +81,16 @@ def atomic_directory(path: str | Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        umask = _umask()
         for f in sorted(tmp.rglob("*")):        # subfolders too: files, then each folder's entries
             if f.is_dir():
                 fsync_dir(f)
             else:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+                if f.stat().st_mode & 0o777 == 0o600:   # a temporary file's private mode: as a plain write's
+                    os.chmod(f, 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)           # mkdtemp's folder is private; the result is an ordinary folder
         if path.exists():
             trash = path.with_name(f".{path.name}.old")
             shutil.rmtree(trash, ignore_errors=True)

@@ -1,4 +1,6 @@
 """The two atomic-write helpers: one file (atomic_writer), one folder (atomic_directory)."""
+import os
+
 import pytest
 
 from emclip.paths import atomic_directory, write_text_atomic
@@ -51,3 +53,16 @@ def test_atomic_directory_takes_subfolders(tmp_path):
         (tmp / "config.json").write_text("{}")
     assert (target / "text" / "vocab.txt").read_text() == "a\nb\n"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_atomic_directory_gives_an_ordinary_folder_others_may_read(tmp_path):
+    import tempfile
+    target = tmp_path / "shared"
+    with atomic_directory(target) as tmp:
+        (tmp / "plain.txt").write_text("x")
+        with tempfile.NamedTemporaryFile("w", dir=tmp, delete=False) as fh:   # private (0600) like atomic writes
+            fh.write("y")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~mask for f in target.iterdir())

@@ -192,29 +192,31 @@ def relative_path(path: str, root: str | Path) -> str:
 
 
 def prediction_view(table: pd.DataFrame, root: str | Path) -> pd.DataFrame:
-    """The predictions table as a reader scans it: one row per patient with the predicted class and its
-    probability (raw and prior-corrected), the diagnosis when the cohort has one, the images and their nm/px range,
+    """The predictions table as a reader scans it, one row per patient (the index): the diagnosis when the cohort
+    has one, the predicted class and its probability (raw and prior-corrected), the images and their nm/px range,
     and the most attended image relative to the cohort folder. Every class's probability stays in the CSV."""
-    out = pd.DataFrame({"patient": table.patient_id})
+    out = pd.DataFrame(index=pd.Index(table.patient_id.to_numpy(), name="patient"))
     if "diagnosis" in table:
-        out["diagnosis (cohort)"] = table.diagnosis.fillna("")
+        out["diagnosis (cohort)"] = table.diagnosis.fillna("").to_numpy()
     for key, label in (("patient", "predicted"), ("prior_corrected", "prior-corrected")):
         pred = table[f"{key}_pred"]
-        out[label] = pred
-        out[f"p({label})"] = [table.at[i, f"{key}_p[{c}]"] for i, c in zip(table.index, pred)]
-    out["images"] = table.n_images
-    out["nm/px"] = [f"{lo:.3g}-{hi:.3g}" for lo, hi in zip(table.nm_per_pixel_min, table.nm_per_pixel_max)]
+        out[label] = pred.to_numpy()
+        out[f"p({label})"] = [round(float(table.at[i, f"{key}_p[{c}]"]), 3) for i, c in zip(table.index, pred)]
+    out["images"] = table.n_images.to_numpy()
+    out["min nm/px"] = table.nm_per_pixel_min.map(lambda v: f"{v:.3g}").to_numpy()
+    out["max nm/px"] = table.nm_per_pixel_max.map(lambda v: f"{v:.3g}").to_numpy()
     out["most attended image"] = [relative_path(p, root) for p in table.most_attended_image]
     return out
 
 
-def example_patients(table: pd.DataFrame, n: int = 3) -> list[str]:
+def example_patients(table: pd.DataFrame, n: int = 3, min_images: int = 2) -> list[str]:
     """``n`` patients to look at closely: the most confident prediction of each predicted class in turn (most
-    confident classes first), so that the examples differ; fewer when the cohort has fewer patients."""
+    confident classes first), so that the examples differ; patients with at least ``min_images`` images come
+    first (a bag of one image has nothing to weigh). Fewer when the cohort has fewer patients."""
     confidence = [table.at[i, f"patient_p[{c}]"] for i, c in zip(table.index, table.patient_pred)]
-    ranked = table.assign(confidence=confidence).sort_values("confidence", ascending=False, kind="stable")
-    firsts = ranked.drop_duplicates("patient_pred")
-    chosen = list(firsts.patient_id[:n])
+    ranked = table.assign(confidence=confidence, small=table.n_images < min_images)
+    ranked = ranked.sort_values(["small", "confidence"], ascending=[True, False], kind="stable")
+    chosen = list(ranked.drop_duplicates("patient_pred").patient_id[:n])
     chosen += [p for p in ranked.patient_id if p not in chosen][:n - len(chosen)]
     return chosen
 
@@ -231,15 +233,19 @@ def class_counts(table: pd.DataFrame, classes) -> pd.DataFrame:
 
 
 def hits_view(hits: pd.DataFrame, root: str | Path, predictions: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Search hits as a reader scans them: rank, score, patient (with its predicted class when ``predictions`` are
-    given), and for image hits the image relative to the cohort folder and its nm/px."""
-    out = pd.DataFrame({"rank": hits["rank"], "score": hits["score"].round(3), "patient": hits["patient_id"]})
+    """Search hits as a reader scans them, by rank: score, patient (with its predicted class when ``predictions``
+    are given, and its diagnosis when the cohort has one), and for image hits the image relative to the cohort
+    folder and its nm/px."""
+    out = pd.DataFrame({"score": hits["score"].round(3).to_numpy(), "patient": hits["patient_id"].to_numpy()},
+                       index=pd.Index(hits["rank"].to_numpy(), name="rank"))
     if predictions is not None:
         out["predicted"] = out.patient.map(dict(zip(predictions.patient_id, predictions.patient_pred)))
+    if "diagnosis" in hits and (hits["diagnosis"].fillna("") != "").any():
+        out["diagnosis (cohort)"] = hits["diagnosis"].fillna("").to_numpy()
     if "path" in hits:
         out["image"] = [relative_path(p, root) for p in hits["path"]]
-        out["nm/px"] = hits["nm_per_pixel"].map(lambda v: f"{v:.3g}")
-    return out.reset_index(drop=True)
+        out["nm/px"] = hits["nm_per_pixel"].map(lambda v: f"{v:.3g}").to_numpy()
+    return out
 
 
 def command_lines(model: str | Path, cohort: str | Path, query: str, patient: str, k: int) -> str:

@@ -67,17 +67,20 @@ def fsync_dir(path: str | Path) -> None:
 
 @contextmanager
 def atomic_directory(path: str | Path):
-    """A temporary folder next to ``path`` to fill; when the block ends its files are fsynced and it takes the place
-    of ``path``. A folder already there is renamed aside first and deleted after (folders cannot be swapped in one
-    rename), so a kill leaves the old folder, the new one, or ``.NAME.*`` leftovers, never a half-written ``path``.
-    On an exception the temporary folder is removed and ``path`` is left as it was."""
+    """A temporary folder next to ``path`` to fill; when the block ends its files (subfolders included) are fsynced
+    and it takes the place of ``path``. A folder already there is renamed aside first and deleted after (folders
+    cannot be swapped in one rename), so a kill leaves the old folder, the new one, or ``.NAME.*`` leftovers, never
+    a half-written ``path``. On an exception the temporary folder is removed and ``path`` is left as it was."""
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in sorted(tmp.rglob("*")):        # subfolders too: files, then each folder's entries
+            if f.is_dir():
+                fsync_dir(f)
+            else:
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         if path.exists():
             trash = path.with_name(f".{path.name}.old")
             shutil.rmtree(trash, ignore_errors=True)

@@ -41,3 +41,13 @@ def test_atomic_directory_failure_leaves_the_old_folder(tmp_path):
             raise RuntimeError("killed while writing")
     assert (target / "meta.json").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["step_000001"]
+
+
+def test_atomic_directory_takes_subfolders(tmp_path):
+    target = tmp_path / "model"
+    with atomic_directory(target) as tmp:
+        (tmp / "text").mkdir()
+        (tmp / "text" / "vocab.txt").write_text("a\nb\n")
+        (tmp / "config.json").write_text("{}")
+    assert (target / "text" / "vocab.txt").read_text() == "a\nb\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

@@ -8,7 +8,7 @@ module only chooses inputs and shapes outputs for reading.
 from __future__ import annotations
 
 import contextlib
-import os
+import shlex
 import shutil
 import tempfile
 import warnings
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..paths import resolve
+from ..paths import project_root, resolve
 
 __all__ = ["InferenceConfig", "inference_cohort", "scale_warnings", "training_embeddings", "overview",
            "pooling_sentence", "example_patients", "prediction_view", "class_counts", "hits_view", "command_lines",
@@ -102,8 +102,7 @@ def inference_cohort(settings: InferenceConfig, data_dir: str | Path | None = No
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         generate_cohort(tmp, settings.generate_patients, seed=settings.data_seed,
-                        image_size=settings.generate_image_size, with_diagnosis=False,
-                        workers=min(os.cpu_count() or 1, 2), progress=False)
+                        image_size=settings.generate_image_size, with_diagnosis=False, progress=False)
         if path.exists():
             path.rmdir()          # empty (checked above): a folder is replaced by rename only when empty
         tmp.rename(path)
@@ -148,7 +147,6 @@ def training_embeddings(trained, progress: bool = False):
 def overview(trained, cohort) -> str:
     """Markdown for a reader: which model (where from, classes, the scale range its training images covered) and
     which cohort (patients, images, nm/px, what its reports give), paths relative to the project."""
-    from ..paths import project_root
     root = project_root()
     lo_hi = ("an unknown scale range" if trained.scale_range_nm is None else
              "images of {:.3g}-{:.3g} nm/px as the model sees them".format(*trained.scale_range_nm))
@@ -183,7 +181,7 @@ def pooling_sentence(model) -> str:
             f"embedding leans on the images with the highest weights.")
 
 
-def relative_path(path: str, root: str | Path) -> str:
+def relative_path(path: str | Path, root: str | Path) -> str:
     """``path`` relative to ``root`` when it lies inside it (what a reader of a report needs), else as given."""
     try:
         return Path(path).relative_to(Path(root)).as_posix()
@@ -251,9 +249,6 @@ def hits_view(hits: pd.DataFrame, root: str | Path, predictions: pd.DataFrame | 
 def command_lines(model: str | Path, cohort: str | Path, query: str, patient: str, k: int) -> str:
     """Markdown: the commands that do what 06 does, with this notebook's model, cohort and query (paths relative to
     the project when inside it); they write into new paths of their own, never over the notebook's outputs."""
-    import shlex
-
-    from ..paths import project_root
     model, cohort = (shlex.quote(relative_path(p, project_root())) for p in (model, cohort))
     return "\n".join([
         "```bash",

@@ -28,7 +28,8 @@ def image_grid(rows: Sequence[tuple[str, Sequence[tuple[str, str]]]], title: str
     image (``read_image_for_display``); a missing or unreadable file is drawn as such, not raised."""
     image_root = Path(image_root) if image_root is not None else None
     n_cols = max([len(images) for _, images in rows] + [1])
-    fig = _figure(THUMB * n_cols + 0.6, (THUMB + 0.45) * max(1, len(rows)) + 0.5)
+    width = THUMB * n_cols + 0.6
+    fig = _figure(width, (THUMB + 0.45) * max(1, len(rows)) + 0.5)
     grid = fig.add_gridspec(max(1, len(rows)), n_cols)
     for r, (label, images) in enumerate(rows):
         for c in range(n_cols):
@@ -40,7 +41,7 @@ def image_grid(rows: Sequence[tuple[str, Sequence[tuple[str, str]]]], title: str
             _show(ax, str(path), image_root, caption)
             if c == 0 and label:
                 ax.set_ylabel("\n".join(_wrap(line, 24) for line in label.split("\n")), fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(_wrap(title, int(width * 13)), fontsize=10)   # ~13 characters of 10 pt per inch: never clipped
     return fig
 
 

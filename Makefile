@@ -13,8 +13,8 @@ export OMP_WAIT_POLICY ?= PASSIVE
 .PHONY: help install test test-fast demo demo-unlabelled study cohort figures lab bench bench-smoke clean
 
 help:
-	@echo "make demo     install, generate the embedded cohort and run notebooks 01-05 into reports/demo/"
-	@echo "make test     install and run the test suite (pytest, notebooks 01-05 included)"
+	@echo "make demo     install, generate the embedded cohort and run notebooks 01-06 into reports/demo/"
+	@echo "make test     install and run the test suite (pytest, notebooks 01-06 included)"
 	@echo "make demo-unlabelled  the demo on the same cohort without its diagnosis column (labels from the reports)"
 	@echo "make study    the scale study: 3,000 patients, every arm x 3 seeds (~1 h on 2 cores) -> reports/study/"
 	@echo "make cohort   only generate the embedded cohort into $(DATA)"
@@ -40,7 +40,7 @@ $(VENV)/.nbstripout: | $(STAMP)
 
 install: $(STAMP) $(KERNEL) $(VENV)/.nbstripout
 
-# the pytest suite; tests/test_notebook_outputs.py executes notebooks 01-05 with the seconds-scale parameter set
+# the pytest suite; tests/test_notebook_outputs.py executes notebooks 01-06 with the seconds-scale parameter set
 # params/ci.yaml and compares what matters (figures, no warnings or errors, key numbers within tolerance)
 test: install
 	$(PY) -m pytest tests
@@ -57,7 +57,7 @@ figures: install cohort
 	$(PY) -m emclip.data check $(DATA)
 	$(PY) -m emclip.synthetic.figure --data $(DATA) --out reports/summary/cohort_grid.png
 
-# the whole study on the embedded cohort: notebooks 01 -> 05 with params/demo.yaml into reports/demo/
+# the whole study on the embedded cohort: notebooks 01 -> 06 with params/demo.yaml into reports/demo/
 demo: install
 	$(PY) -m emclip.run_notebooks demo
 

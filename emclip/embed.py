@@ -12,10 +12,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from .serving.cli import COHORT_HELP, MODEL_HELP, add_device, check_output, run
+
+
+def write_index(trained, cohort, out: Path, force: bool = False, batch_size: int = 32, progress: bool = True) -> Path:
+    """Embed every patient of ``cohort`` with ``trained`` (a :class:`~emclip.api.TrainedModel`) into an index
+    folder at ``out``, a chunk of patients at a time; each image row keeps its nm/px as the cohort gives it."""
+    from .serving.index import IndexWriter
+    cohort = trained.load_cohort(cohort)
+    given = dict(zip(cohort.images.path, cohort.images.nm_per_pixel))
+    meta = {"model": str(trained.source), "model_identity": trained.identity, "cohort": str(cohort.root),
+            "scale_range_nm": trained.scale_range_nm}
+    with IndexWriter(out, meta, force=force) as writer:
+        for emb in trained.iter_embeddings(cohort, batch_size, progress=progress):
+            writer.add(emb, {"nm_per_pixel": np.array([given[p] for p in emb.image_paths], dtype=np.float64)})
+    return Path(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,16 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from .api import load
-    from .serving.index import IndexWriter
     out = check_output(args.out, args.force, {"cohort": args.cohort, "model": args.model}, kind="folder")
     trained = load(args.model, device=args.device)
     cohort = trained.load_cohort(args.cohort)
-    given = dict(zip(cohort.images.path, cohort.images.nm_per_pixel))
-    meta = {"model": str(trained.source), "model_identity": trained.identity, "cohort": str(cohort.root),
-            "scale_range_nm": trained.scale_range_nm}
-    with IndexWriter(out, meta, force=args.force) as writer:
-        for emb in trained.iter_embeddings(cohort, args.batch_size):
-            writer.add(emb, {"nm_per_pixel": np.array([given[p] for p in emb.image_paths], dtype=np.float64)})
+    write_index(trained, cohort, out, force=args.force, batch_size=args.batch_size)
     print(f"{len(cohort.reports)} patients, {len(cohort.images)} images -> {out}")
     print(f'search it: python -m emclip.search {out} "a text query" -k 10')
     return 0

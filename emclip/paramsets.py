@@ -3,8 +3,9 @@ report folder.
 
 A set has the sections ``train`` (:class:`~emclip.train.config.TrainConfig`: everything a run needs),
 ``evaluation`` (:class:`~emclip.evaluation.settings.EvaluationConfig`), ``ablations`` (the grid of
-:func:`emclip.ablation.grid`), ``hp_search`` (training key -> values tried on validation) and ``study``
-(:class:`StudyOptions`). A key no section knows is refused with the list of known ones.
+:func:`emclip.ablation.grid`), ``hp_search`` (training key -> values tried on validation), ``study``
+(:class:`StudyOptions`) and ``inference`` (:class:`~emclip.serving.inference.InferenceConfig`: the cohort of new
+patients and the text query of 06). A key no section knows is refused with the list of known ones.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import yaml
 
 from .evaluation.settings import EvaluationConfig
 from .paths import project_root
+from .serving.inference import InferenceConfig
 from .train.config import TrainConfig, load_config, params_file, parse_overrides
 
 DEFAULT_PARAMS = "demo"
@@ -36,6 +38,7 @@ class ParamSet:
     ablations: dict = field(default_factory=dict)
     hp_search: dict = field(default_factory=dict)
     study: StudyOptions = StudyOptions()
+    inference: InferenceConfig = InferenceConfig()
 
 
 SECTIONS = tuple(f.name for f in fields(ParamSet) if f.name != "path")
@@ -81,10 +84,15 @@ def load_params(params: str | None) -> ParamSet:
     if set(study) - set(known):
         raise ValueError(f"{path}: study: unknown key(s) {', '.join(sorted(set(study) - set(known)))}; "
                          f"known: {', '.join(known)}")
+    inference = InferenceConfig.from_section(_section(raw, "inference", str(path)), f"{path}: inference")
+    if inference.data_path is not None and inference.data_path != train.data_path and inference.generate_cohort \
+            and train.generate_cohort and inference.data_seed == train.data_seed:
+        raise ValueError(f"{path}: inference.data_seed {inference.data_seed} is the training cohort's seed: a "
+                         f"generated cohort of new patients would repeat training patients; choose another seed")
     return ParamSet(name=str(raw.get("name") or path.stem), path=path, train=train,
                     evaluation=EvaluationConfig.from_section(_section(raw, "evaluation", str(path)),
                                                              f"{path}: evaluation"),
-                    ablations=ablations, hp_search=hp_search, study=StudyOptions(**study))
+                    ablations=ablations, hp_search=hp_search, study=StudyOptions(**study), inference=inference)
 
 
 def train_config(params: str | None, **given) -> TrainConfig:

@@ -10,7 +10,7 @@ own code and the tests import it from; the names the former ``pipeline.py`` defi
   ``emclip.evaluation.external``
 * training curves from ``metrics_log.csv``: ``emclip.train.curves``
 * report tables and sentences: ``emclip.summary``; executing notebooks and HTML: ``emclip.reports``
-* running 01 -> 05 in order: ``emclip.run_notebooks``
+* running 01 -> 06 in order: ``emclip.run_notebooks``
 """
 from pathlib import Path  # noqa: F401 - notebooks build their report folder with pipeline.Path
 

@@ -1,8 +1,9 @@
 """The numbered notebooks run in order, the way ``make demo`` runs them: ``python -m emclip.run_notebooks [PARAMS]``.
 
 Each notebook executes with papermill into ``reports/<params>/`` (executed .ipynb, HTML, its wall time in
-``timings.json``), then an ``index.html`` links them. The reference parameter set also refreshes the small committed
-copy in ``reports/summary/`` (``SUMMARY_FILES``).
+``timings.json``), then an ``index.html`` links them. 06 applies the trained run to the parameter set's cohort of
+new patients (``inference:``). The reference parameter set also refreshes the small committed copy in
+``reports/summary/`` (``SUMMARY_FILES``).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from .summary import conclusion
 
 __all__ = ["NOTEBOOKS", "SUMMARY_FILES", "run_all", "notebook_parameters", "index_summary", "refresh_summary", "main"]
 
-NOTEBOOKS = ("01_data_audit", "02_features", "03_train", "04_ablations", "05_evaluation")
+NOTEBOOKS = ("01_data_audit", "02_features", "03_train", "04_ablations", "05_evaluation", "06_inference")
+REPORT_SUBFOLDERS = {"05_evaluation": "evaluation", "06_inference": "inference"}   # the others write into out
 
 # what reports/summary/ keeps of the reference run: file in the report folder -> its name in the summary
 SUMMARY_FILES = {
@@ -37,16 +39,17 @@ SUMMARY_FILES = {
 
 def notebook_parameters(name: str, params: str, out: Path | None) -> dict:
     """Papermill parameters of one notebook: the parameter set, and with a custom ``out`` the report folder (03
-    writes into its run folder only; 05 into ``out/evaluation``, as it does under ``reports/<params>/``)."""
+    writes into its run folder only; 05 into ``out/evaluation`` and 06 into ``out/inference``, as they do under
+    ``reports/<params>/``)."""
     parameters = {"params": params}
     if out is not None and name != "03_train":
-        parameters["report_dir"] = str(out / "evaluation" if name == "05_evaluation" else out)
+        parameters["report_dir"] = str(out / REPORT_SUBFOLDERS[name] if name in REPORT_SUBFOLDERS else out)
     return parameters
 
 
 # notebooks of one stage only read what earlier stages wrote, so they may run at the same time: 01 and 02 both read
-# the cohort, 04 and 05 both read 03's run (04 reuses it as one of its arms)
-STAGES = (("01_data_audit", "02_features"), ("03_train",), ("04_ablations", "05_evaluation"))
+# the cohort, 04, 05 and 06 all read 03's run (04 reuses it as one of its arms; 06 also reads its own new cohort)
+STAGES = (("01_data_audit", "02_features"), ("03_train",), ("04_ablations", "05_evaluation", "06_inference"))
 
 
 def _stages(notebooks, together: bool) -> list[list[str]]:
@@ -73,6 +76,17 @@ def _generate_cohort(params: str, log) -> bool:
     return True
 
 
+def _generate_inference_cohort(params: str, log) -> None:
+    """Generate the parameter set's cohort of new patients, when it is missing, before 06 runs beside 04 and 05, so
+    that 06 does not render it while they compete for the same cores (alone, 06 generates it itself). When it
+    cannot be (a folder holding something else, no inference.data_dir), nothing happens: 06 says what is wrong."""
+    from .serving.inference import inference_cohort
+    try:
+        inference_cohort(load_params(params).inference, log=log)
+    except (FileNotFoundError, ValueError):
+        pass
+
+
 def run_all(params: str = DEFAULT_PARAMS, notebooks=NOTEBOOKS, summary: bool = True, out: str | Path | None = None,
             show_code: bool = False, execute: Callable = execute_notebook, summary_dir: str | Path | None = None,
             log=print, together: bool | None = None) -> Path:
@@ -80,9 +94,10 @@ def run_all(params: str = DEFAULT_PARAMS, notebooks=NOTEBOOKS, summary: bool = T
     hidden unless ``show_code``), the total wall time added to ``timings.json`` and an ``index.html``.
 
     With ``together`` (default: on a machine with two or more cores) the notebooks of one of ``STAGES`` run at the
-    same time (01 with 02, after generating the demo cohort if it is missing; 04 with 05); otherwise one after
-    another. With ``summary`` and the reference parameter
-    set, ``refresh_summary`` copies the reader-facing results into ``summary_dir`` (default ``reports/summary/``).
+    same time (01 with 02, after generating the demo cohort if it is missing; 04 with 05 and 06, after generating
+    the cohort of new patients if it is missing); otherwise one after another. With ``summary`` and the reference
+    parameter set, ``refresh_summary`` copies the reader-facing results into ``summary_dir`` (default
+    ``reports/summary/``).
     ``execute`` runs one notebook (``reports.execute_notebook``).
     """
     folder = Path(out) if out is not None else report_dir(params)
@@ -101,6 +116,8 @@ def run_all(params: str = DEFAULT_PARAMS, notebooks=NOTEBOOKS, summary: bool = T
     if stages and stages[0] == list(STAGES[0]) and not _generate_cohort(params, log):
         stages[:1] = [[STAGES[0][0]], [STAGES[0][1]]]
     for stage in stages:
+        if "06_inference" in stage and len(stage) > 1:
+            _generate_inference_cohort(params, log)
         if len(stage) == 1:
             one(stage[0])
             continue
@@ -150,7 +167,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="report folder (default reports/<params>/)")
     parser.add_argument("--show-code", action="store_true", help="keep the code cells in the HTML reports")
     parser.add_argument("--one-at-a-time", action="store_true",
-                        help="never run two notebooks at once (default: 01 with 02 and 04 with 05 on >= 2 cores)")
+                        help="never run two notebooks at once (default: 01 with 02, and 04 with 05 and 06, on >= 2 "
+                             "cores)")
     args = parser.parse_args(argv)
     run_all(args.params, out=args.out, show_code=args.show_code, log=lambda line: print(line, flush=True),
             together=False if args.one_at_a_time else None)

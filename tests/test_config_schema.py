@@ -133,7 +133,7 @@ def test_each_default_lives_in_one_place():
     from emclip.train import config
     assert config.AGGREGATORS is aggregators.AGGREGATORS and config.SCALE_MODES is scale.SCALE_MODES
     assert TrainConfig().scale_mode == scale.DEFAULT_SCALE_MODE and TrainConfig().aggregator == aggregators.DEFAULT_AGGREGATOR
-    assert set(SECTIONS) == {"name", "train", "evaluation", "ablations", "hp_search", "study"}
+    assert set(SECTIONS) == {"name", "train", "evaluation", "ablations", "hp_search", "study", "inference"}
 
 
 def test_a_model_built_alone_takes_the_same_defaults_as_a_run():

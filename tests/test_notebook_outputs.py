@@ -1,4 +1,4 @@
-"""The five notebooks as the suite's notebook test: 01 -> 05 run once with the ci parameter set, then what matters
+"""The six notebooks as the suite's notebook test: 01 -> 06 run once with the ci parameter set, then what matters
 is compared (in the spirit of recommenders' notebook tests), not stored outputs (notebooks are committed without
 outputs, so there is nothing to compare them with):
 
@@ -8,10 +8,12 @@ outputs, so there is nothing to compare them with):
   exists, is non-empty and decodes;
 * the key numbers recorded in the JSON files the notebooks write match ``tests/data/notebook_expectations.yaml``
   within tolerance, and structural facts hold (classes, patients per split, CI ordering, the ablation's arms,
-  03 and 05 agreeing on the same checkpoint).
+  03 and 05 agreeing on the same checkpoint, 06 predicting every patient of the cohort it is given and nothing
+  else, as the API does).
 
 Everything is written below a temporary folder: the cohort is generated there, the feature cache, the runs and
-the reports live there too (a copy of params/ci.yaml names those folders).
+the reports live there too (a copy of params/ci.yaml names those folders). 06 is given a cohort of new patients of
+its own (images only, as the least a new archive has) through its ``data_dir`` parameter.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import math
 from pathlib import Path
 
 import nbformat
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -29,27 +33,37 @@ from PIL import Image
 from emclip.reports import execute_notebook, report_problems
 
 REPO = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ("01_data_audit", "02_features", "03_train", "04_ablations", "05_evaluation")
+NOTEBOOKS = ("01_data_audit", "02_features", "03_train", "04_ablations", "05_evaluation", "06_inference")
+REPORT_SUBFOLDERS = {"05_evaluation": "evaluation", "06_inference": "inference"}
 EXPECT = yaml.safe_load((REPO / "tests" / "data" / "notebook_expectations.yaml").read_text())
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def ci_run(tmp_path_factory):
-    """Run 01 -> 05 like ``emclip.pipeline.run_all`` chains them; returns (root, {notebook: path or exception})."""
+    """Run 01 -> 06 like ``emclip.pipeline.run_all`` chains them; returns (root, {notebook: path or exception})."""
+    from emclip.synthetic import generate_cohort
     root = tmp_path_factory.mktemp("ci_notebooks")
     params = yaml.safe_load((REPO / "params" / "ci.yaml").read_text())
     params["name"] = "ci-notebook-outputs"
     params["train"]["data_dir"] = str(root / "cohort")
     params["train"].update(run_dir=str(root / "runs" / "main"), cache_dir=str(root / "cache"))
+    params["inference"]["data_dir"] = str(root / "set_new_patients")     # 06 is given data_dir: never generated
+    new = generate_cohort(root / "new_patients", n_patients=EXPECT["new_patients"], seed=5, image_size=48,
+                          workers=1, progress=False, with_diagnosis=False)
+    for name in ("reports.csv", "diagnosis_truth.csv"):                  # images.csv alone
+        (new / name).unlink()
     pfile = root / "ci-notebook-outputs.yaml"
     pfile.write_text(yaml.safe_dump(params))
     reports = root / "reports"
     results = {}
     for name in NOTEBOOKS:
         parameters = {"params": str(pfile)}
-        if name != "03_train":   # 03 writes into its run folder, 05 into reports/evaluation
-            parameters["report_dir"] = str(reports / "evaluation" if name == "05_evaluation" else reports)
+        if name != "03_train":   # 03 writes into its run folder, 05 into reports/evaluation, 06 reports/inference
+            parameters["report_dir"] = str(reports / REPORT_SUBFOLDERS[name] if name in REPORT_SUBFOLDERS
+                                           else reports)
+        if name == "06_inference":
+            parameters["data_dir"] = str(new)
         try:
             results[name] = execute_notebook(name, reports, parameters)
         except Exception as err:     # noqa: BLE001 - reported by the notebook's own tests, the others still run
@@ -227,3 +241,28 @@ def test_ablation_table_has_every_arm(ci_run):
     summary = (root / "reports" / "ablation.md").read_text()
     for arm in arms:
         assert f"| {arm}" in summary, arm
+
+
+def test_inference_predicts_every_patient_of_the_cohort_it_is_given_as_the_api_does(ci_run):
+    """06 on its data_dir (not the set's own cohort, which stays ungenerated): one prediction per patient, every
+    image counted, the API's own numbers, an index of the same patients, and nothing written into the cohort."""
+    import emclip
+    from emclip.serving.index import EmbeddingIndex
+    root = ci_run[0]
+    _executed(ci_run, "06_inference")
+    new, out = root / "new_patients", root / "reports" / "inference"
+    images = pd.read_csv(new / "images.csv")
+    table = pd.read_csv(out / "predictions.csv")
+    assert sorted(table.patient_id) == sorted(images.patient_id.unique())
+    assert table.n_images.sum() == len(images) and "diagnosis" not in table      # images only: no diagnosis
+    assert not (root / "set_new_patients").exists()
+    assert all(p.name == "images.csv" or p.relative_to(new).parts[0] == "images" for p in new.rglob("*"))
+    again = emclip.load(root / "runs" / "main").predict(new, progress=False)
+    probs = [c for c in table.columns if c.startswith(("patient_p[", "prior_corrected_p["))]
+    assert len(probs) == 2 * EXPECT["n_classes"]
+    assert np.allclose(table[probs].to_numpy(), again[probs].to_numpy(), atol=1e-5)
+    assert list(table.patient_pred) == list(again.patient_pred)
+    index = EmbeddingIndex.load(out / "index")
+    assert sorted(index.patients.patient_id) == sorted(table.patient_id) and index.n_images == len(images)
+    record = json.loads((out / "inference.json").read_text())
+    assert set(record["query_patients"]) <= set(table.patient_id) and record["similar_to"] not in record["similar"]

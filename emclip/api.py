@@ -313,17 +313,19 @@ class TrainedModel:
                 "prior_corrected": softmax(mean_logprob_correction(logits))}
 
     def predict(self, cohort: str | Path | Cohort | Embeddings, classes=None, batch_size: int = 32,
-                progress: bool = True) -> pd.DataFrame:
+                progress: bool = True, embeddings: Embeddings | None = None) -> pd.DataFrame:
         """Zero-shot diagnosis, one row per patient, with the evaluation's ``predictions.csv`` column names:
         ``patient_id``, ``diagnosis`` (when known), ``patient_pred`` and ``patient_p[<class>]`` (raw),
         ``prior_corrected_pred`` and ``prior_corrected_p[<class>]``, then ``n_images``, ``nm_per_pixel_min`` /
         ``_max`` (as given), ``most_attended_image`` and its ``attention`` (the first image under mean pooling,
-        where every image weighs the same).
+        where every image weighs the same). ``embeddings``: the cohort's :meth:`embed` output when the caller has
+        it already (nothing is embedded again).
 
         >>> trained.predict("new_patients").head()
         """
         prompts = self._prompts(classes)   # a bad class file fails before any image is read
-        emb = cohort if isinstance(cohort, Embeddings) else self.embed(cohort, batch_size, progress)
+        emb = embeddings if embeddings is not None else (
+            cohort if isinstance(cohort, Embeddings) else self.embed(cohort, batch_size, progress))
         zs = self.zero_shot(emb, prompts)
         table = pd.DataFrame({"patient_id": emb.patient_ids})
         if (emb.diagnosis != "").any():

@@ -19,16 +19,20 @@ import numpy as np
 from .serving.cli import COHORT_HELP, MODEL_HELP, add_device, check_output, run
 
 
-def write_index(trained, cohort, out: Path, force: bool = False, batch_size: int = 32, progress: bool = True) -> Path:
+def write_index(trained, cohort, out: Path, force: bool = False, batch_size: int = 32, progress: bool = True,
+                embeddings=None) -> Path:
     """Embed every patient of ``cohort`` with ``trained`` (a :class:`~emclip.api.TrainedModel`) into an index
-    folder at ``out``, a chunk of patients at a time; each image row keeps its nm/px as the cohort gives it."""
+    folder at ``out``, a chunk of patients at a time; each image row keeps its nm/px as the cohort gives it.
+    ``embeddings``: the cohort's ``trained.embed`` output when the caller has it already (written as it is)."""
     from .serving.index import IndexWriter
     cohort = trained.load_cohort(cohort)
     given = dict(zip(cohort.images.path, cohort.images.nm_per_pixel))
     meta = {"model": str(trained.source), "model_identity": trained.identity, "cohort": str(cohort.root),
             "scale_range_nm": trained.scale_range_nm}
     with IndexWriter(out, meta, force=force) as writer:
-        for emb in trained.iter_embeddings(cohort, batch_size, progress=progress):
+        chunks = [embeddings] if embeddings is not None else trained.iter_embeddings(cohort, batch_size,
+                                                                                     progress=progress)
+        for emb in chunks:
             writer.add(emb, {"nm_per_pixel": np.array([given[p] for p in emb.image_paths], dtype=np.float64)})
     return Path(out)
 

@@ -10,13 +10,12 @@ feature cache is reused when it matches the cohort.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from .serving.cli import COHORT_HELP, MODEL_HELP, add_device, check_output, run
+from .serving.cli import COHORT_HELP, MODEL_HELP, add_device, check_output, command_parser, run
 
 
 def write_index(trained, cohort, out: Path, force: bool = False, batch_size: int = 32, progress: bool = True,
@@ -38,9 +37,7 @@ def write_index(trained, cohort, out: Path, force: bool = False, batch_size: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m emclip.embed", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = command_parser("embed", __doc__)
     parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument("cohort", help=COHORT_HELP)
     parser.add_argument("--out", required=True, help="the index folder to write (refused if it exists, unless "

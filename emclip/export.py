@@ -11,16 +11,13 @@ Load it with ``emclip.load(MODEL_DIR)`` or name it as the MODEL of ``predict`` /
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from .serving.cli import check_output, run
+from .serving.cli import command_parser, check_output, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m emclip.export", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = command_parser("export", __doc__)
     parser.add_argument("run", help="a run folder (runs/<set>/<arm>)")
     parser.add_argument("--out", required=True, help="the model folder to write (refused if it exists, unless "
                                                      "--force replaces a model folder exported before)")

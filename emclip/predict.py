@@ -9,16 +9,13 @@ given), ``most_attended_image`` and its ``attention``.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from .serving.cli import COHORT_HELP, MODEL_HELP, add_device, check_output, run
+from .serving.cli import COHORT_HELP, MODEL_HELP, add_device, check_output, command_parser, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m emclip.predict", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = command_parser("predict", __doc__)
     parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument("cohort", help=COHORT_HELP)
     parser.add_argument("--out", required=True, help="the CSV to write (refused if it exists, unless --force)")

@@ -10,16 +10,13 @@ the index (``--model`` to name it when it has moved); an indexed patient or imag
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from .serving.cli import MODEL_HELP, run
+from .serving.cli import MODEL_HELP, command_parser, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m emclip.search", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = command_parser("search", __doc__)
     parser.add_argument("index", help="an index folder written by `python -m emclip.embed`")
     parser.add_argument("text", nargs="?", help="a text query (a report, a finding)")
     parser.add_argument("--patient", help="an indexed patient id: its most similar other patients")

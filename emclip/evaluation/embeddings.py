@@ -81,9 +81,11 @@ class Embeddings:
 
     def subset(self, split: str | None) -> 'Embeddings':
         """Patients of one split (all patients for None), image rows re-indexed."""
-        if split is None:
-            return self
-        keep = self.split == split
+        return self if split is None else self.take(self.split == split)
+
+    def take(self, keep: np.ndarray) -> 'Embeddings':
+        """The patients where the boolean mask ``keep`` is True, with their images (image rows re-indexed)."""
+        keep = np.asarray(keep, dtype=bool)
         new_index = np.full(self.n_patients, -1, dtype=np.int64)
         new_index[keep] = np.arange(int(keep.sum()))
         rows = keep[self.image_patient]

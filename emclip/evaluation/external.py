@@ -124,13 +124,7 @@ def combine_for_external(internal: Embeddings, external: Embeddings) -> Combined
 
 def _rows(emb: Embeddings, keep: np.ndarray) -> Embeddings:
     """The patients where ``keep`` is True, with their images (image rows re-indexed)."""
-    new_index = np.full(emb.n_patients, -1, dtype=np.int64)
-    new_index[keep] = np.arange(int(keep.sum()))
-    rows = keep[emb.image_patient]
-    return Embeddings(
-        emb.patient_ids[keep], emb.split[keep], emb.diagnosis[keep], emb.patient[keep], emb.report[keep],
-        emb.image[rows], new_index[emb.image_patient[rows]], emb.image_paths[rows], emb.image_scales[rows],
-        emb.image_attention[rows], emb.logit_scale, dict(emb.meta), emb.diagnosis_source[keep])
+    return emb.take(keep)
 
 
 def external_supervised_bound(model, cfg: TrainConfig, cohort, feature_key: str | None, external: ExternalCohort,

@@ -32,12 +32,17 @@ class EvaluationConfig:
 
     @classmethod
     def from_section(cls, section: dict | None, where: str = "evaluation") -> "EvaluationConfig":
-        section = dict(section or {})
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(section) - set(known))
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
-        return cls(**section)
+        return from_section(cls, section, where)
+
+
+def from_section(cls, section: dict | None, where: str):
+    """A settings dataclass from a parameter set's section, refusing a key it does not know (with the known ones)."""
+    section = dict(section or {})
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(section) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return cls(**section)
 
 
 DEFAULT_EVALUATION = EvaluationConfig()

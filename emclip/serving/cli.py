@@ -17,6 +17,14 @@ class CommandError(ValueError):
     """A command-line request that cannot be carried out (the message says why and what to do)."""
 
 
+def command_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """``python -m emclip.NAME``'s parser: its module docstring's first paragraph as the description, the rest
+    (usage examples, what it writes) after the options."""
+    return argparse.ArgumentParser(prog=f"python -m emclip.{name}", description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=doc.split("\n\n", 1)[1])
+
+
 def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: an accelerator when "
                                                        "present, else the CPU)")

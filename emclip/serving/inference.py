@@ -12,11 +12,12 @@ import shlex
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from ..evaluation.settings import from_section
 from ..paths import project_root, resolve
 
 __all__ = ["InferenceConfig", "inference_cohort", "scale_warnings", "training_embeddings", "overview",
@@ -60,12 +61,7 @@ class InferenceConfig:
 
     @classmethod
     def from_section(cls, section: dict | None, where: str = "inference") -> "InferenceConfig":
-        section = dict(section or {})
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(section) - set(known))
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
-        return cls(**section)
+        return from_section(cls, section, where)
 
 
 def _has_tables(path: Path) -> bool:

@@ -75,6 +75,13 @@ _TIMINGS_LOCK = threading.Lock()
 PROJECT_KERNEL = 'emclip'   # registered by `make install` into the environment (ipykernel install --sys-prefix)
 
 
+def _interpreter(path: str) -> Path:
+    """An interpreter's path with its folders resolved (``notebooks/../.venv``, a symlinked ``.venv``) but not the
+    executable itself: a venv's ``python`` links to the base interpreter, which every venv shares."""
+    path = Path(path).absolute()
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
 def project_kernel() -> str:
     """The name of the project's Jupyter kernel, after checking that it is registered and runs this environment's
     Python (a kernel of the same name from another checkout or environment would run other code)."""
@@ -85,7 +92,7 @@ def project_kernel() -> str:
         spec = KernelSpecManager().get_kernel_spec(PROJECT_KERNEL)
     except NoSuchKernel:
         raise RuntimeError(f"the project's Jupyter kernel {PROJECT_KERNEL!r} is not registered: {how}") from None
-    if Path(spec.argv[0]).absolute() != Path(sys.executable).absolute():
+    if _interpreter(spec.argv[0]) != _interpreter(sys.executable):
         raise RuntimeError(f"the Jupyter kernel {PROJECT_KERNEL!r} ({spec.resource_dir}) runs {spec.argv[0]}, not "
                            f"this environment's {sys.executable}: remove it (`jupyter kernelspec remove "
                            f"{PROJECT_KERNEL}`) and {how}")

@@ -197,3 +197,20 @@ def test_the_cohort_of_new_patients_is_generated_before_06_when_it_can_be(monkey
         raise FileNotFoundError("inference.data_dir x has no images.csv")
     monkeypatch.setattr(inference, "inference_cohort", refuse)
     run_notebooks._generate_inference_cohort("ci", print)          # 06 will say why; the chain goes on
+
+
+def test_the_kernel_check_reads_an_interpreter_path_through_dot_dot_and_a_linked_venv(tmp_path):
+    from emclip.reports import _interpreter
+    venv = tmp_path / "checkout" / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").symlink_to("/usr/bin/env")              # a venv's python links to the shared base binary
+    (tmp_path / "checkout" / "notebooks").mkdir()
+    (tmp_path / "worktree").mkdir()
+    (tmp_path / "worktree" / ".venv").symlink_to(tmp_path / "checkout" / ".venv")
+    plain = _interpreter(str(venv / "python"))
+    assert _interpreter(str(tmp_path / "checkout" / "notebooks" / ".." / ".venv" / "bin" / "python")) == plain
+    assert _interpreter(str(tmp_path / "worktree" / ".venv" / "bin" / "python")) == plain
+    other = tmp_path / "other" / "bin"
+    other.mkdir(parents=True)
+    (other / "python").symlink_to("/usr/bin/env")             # another venv on the same base: not the same
+    assert _interpreter(str(other / "python")) != plain
